@@ -1,0 +1,216 @@
+"""Typed configuration: dataclasses with a help string on every field, validated in `__post_init__`,
+parsed by `HfArgumentParser` from `--config file.yaml` plus command-line overrides.
+
+Field names follow TRL's `DPOConfig` / transformers' `TrainingArguments` so users switch without
+relearning. Scripts pick the groups they need (the reference precompute has no optimizer).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+
+import yaml
+from transformers import HfArgumentParser
+
+from .losses import LOSSES
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Policy model: a local directory or a hub name (required)."})
+    ref_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Reference model; default: the policy's initial weights."})
+    revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)."})
+    torch_dtype: str = field(
+        default="float32",
+        metadata={"help": "Weights dtype: float32 | bfloat16 | float16 | auto. Mixed precision (autocast) "
+                  "comes from the accelerate config instead."})
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": "eager | sdpa | flex_attention | flash_attention_2; default: flash_attention_2 "
+                  "when flash-attn is installed and a GPU is used, else sdpa."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run model code from the hub. Off by default: it executes foreign code."})
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations in backward to save memory."})
+
+    def __post_init__(self):
+        if self.torch_dtype not in ("float32", "bfloat16", "float16", "auto"):
+            raise ValueError(f"--torch_dtype must be float32, bfloat16, float16 or auto, got {self.torch_dtype!r}")
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "A .jsonl/.json/.parquet file, a folder of <split>.<ext> files, or a hub dataset name."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    dataset_split: str = field(default="train", metadata={"help": "Training split."})
+    eval_split: str | None = field(default=None, metadata={"help": "Held-out split for evaluation (e.g. test)."})
+    eval_fraction: float = field(
+        default=0.0, metadata={"help": "Carve this fraction of the training split out as held-out (seeded)."})
+    max_length: int | None = field(
+        default=512, metadata={"help": "Max tokens of prompt + completion, per sequence."})
+    max_prompt_length: int | None = field(default=None, metadata={"help": "Max prompt tokens (truncated first)."})
+    max_completion_length: int | None = field(
+        default=None, metadata={"help": "Max tokens of each completion (its end is cut)."})
+    truncation_mode: str = field(
+        default="keep_start",
+        metadata={"help": "keep_start: cut the end of long sequences (and of long prompts); keep_end: cut the "
+                  "start of the prompt."})
+    on_invalid: str = field(
+        default="error",
+        metadata={"help": "error: stop before training, listing every bad record; skip: drop them and write "
+                  "invalid_records.jsonl into --output_dir."})
+
+    def __post_init__(self):
+        if self.truncation_mode not in ("keep_start", "keep_end"):
+            raise ValueError(f"--truncation_mode must be keep_start or keep_end, got {self.truncation_mode!r}")
+        if self.on_invalid not in ("error", "skip"):
+            raise ValueError(f"--on_invalid must be error or skip, got {self.on_invalid!r}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"--eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.eval_split and self.eval_fraction:
+            raise ValueError("Give --eval_split or --eval_fraction, not both.")
+        if self.max_length and self.max_prompt_length and self.max_prompt_length >= self.max_length:
+            raise ValueError(f"--max_prompt_length ({self.max_prompt_length}) must be below --max_length "
+                             f"({self.max_length}) to leave room for the completion.")
+
+
+@dataclass
+class DPOArguments:
+    beta: float = field(default=0.1, metadata={"help": "Strength of the KL constraint to the reference."})
+    loss_type: list[str] = field(
+        default_factory=lambda: ["sigmoid"],
+        metadata={"help": f"One or more of: {', '.join(LOSSES)} (TRL's names). Several are summed with "
+                  "--loss_weights."})
+    loss_weights: list[float] | None = field(
+        default=None, metadata={"help": "One weight per --loss_type (default 1.0 each)."})
+    label_smoothing: float = field(
+        default=0.0, metadata={"help": "Probability a label is flipped: cDPO for sigmoid, robust, exo_pair, aot."})
+    reference_free: bool = field(
+        default=False, metadata={"help": "Ignore the reference (its log-probs are taken as 0)."})
+    f_divergence_type: str = field(
+        default="reverse_kl",
+        metadata={"help": "reverse_kl | forward_kl | js_divergence | alpha_divergence (f-DPO)."})
+    f_alpha_divergence_coef: float = field(default=0.5, metadata={"help": "alpha of alpha_divergence."})
+    ld_alpha: float | None = field(
+        default=None, metadata={"help": "LD-DPO weight in [0, 1] of tokens past the shorter completion."})
+    use_weighting: bool = field(default=False, metadata={"help": "WPO weighting of each pair's loss."})
+    discopop_tau: float = field(default=0.05, metadata={"help": "Temperature of the discopop loss."})
+    ref_logprobs: str | None = field(
+        default=None,
+        metadata={"help": "Directory written by scripts/precompute_ref_logprobs.py; no reference model is "
+                  "loaded then."})
+
+    def __post_init__(self):
+        if isinstance(self.loss_type, str):
+            self.loss_type = [self.loss_type]
+        unknown = [name for name in self.loss_type if name not in LOSSES]
+        if unknown:
+            raise ValueError(f"Unknown --loss_type {unknown}; choose from {sorted(LOSSES)}")
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise ValueError(f"--loss_weights has {len(self.loss_weights)} values for "
+                             f"{len(self.loss_type)} loss types")
+        if self.beta <= 0:
+            raise ValueError(f"--beta must be > 0, got {self.beta}")
+        if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
+            raise ValueError(f"--ld_alpha must be in [0, 1], got {self.ld_alpha}")
+        if self.reference_free and self.ref_logprobs:
+            raise ValueError("--reference_free and --ref_logprobs exclude each other.")
+
+    def loss_kwargs(self) -> dict:
+        """Keyword arguments of `dpo_core.losses.dpo_loss`."""
+        return dict(loss_type=self.loss_type, loss_weights=self.loss_weights, beta=self.beta,
+                    label_smoothing=self.label_smoothing, reference_free=self.reference_free,
+                    f_divergence_type=self.f_divergence_type,
+                    f_alpha_divergence_coef=self.f_alpha_divergence_coef, discopop_tau=self.discopop_tau)
+
+
+@dataclass
+class TrainArguments:
+    output_dir: str | None = field(default=None, metadata={"help": "Run directory (required)."})
+    seed: int = field(default=42, metadata={"help": "Seed of initialisation, shuffling and dropout."})
+    max_steps: int = field(default=-1, metadata={"help": "Optimizer steps; overrides --num_train_epochs if > 0."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the training split."})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "Pairs per process per micro-batch."})
+    per_device_eval_batch_size: int = field(default=16, metadata={"help": "Pairs per process in evaluation."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    learning_rate: float = field(default=1e-6, metadata={"help": "Peak AdamW learning rate."})
+    lr_scheduler_type: str = field(
+        default="linear", metadata={"help": "Any transformers scheduler name: linear, cosine, constant, ..."})
+    warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps."})
+    warmup_ratio: float = field(default=0.0, metadata={"help": "Warm-up as a fraction of all steps."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0: no clipping)."})
+    logging_steps: int = field(default=10, metadata={"help": "Log train metrics every N optimizer steps."})
+    eval_steps: int | None = field(
+        default=None, metadata={"help": "Evaluate every N steps (and always at the end when eval data exist)."})
+    save_steps: int | None = field(default=None, metadata={"help": "Save a resumable checkpoint every N steps."})
+    save_total_limit: int | None = field(default=None, metadata={"help": "Keep at most N checkpoints."})
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata={"help": "A checkpoint directory, or 'latest' (newest complete one, if any)."})
+    max_consecutive_nonfinite: int = field(
+        default=3, metadata={"help": "Stop after this many optimizer steps in a row with NaN/Inf loss or gradients."})
+    report_to: str = field(default="tensorboard", metadata={"help": "tensorboard | none."})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
+    forward_mode: str = field(default="concat", metadata={"help": "Batch layout of the forward: concat."})
+
+    def __post_init__(self):
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise ValueError("Give --max_steps > 0 or --num_train_epochs > 0.")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                     "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.report_to not in ("tensorboard", "none"):
+            raise ValueError(f"--report_to must be tensorboard or none, got {self.report_to!r}")
+
+
+_SECRET = re.compile(r"token|secret|password|api_key|apikey|credential", re.IGNORECASE)
+
+
+def parse_config(dataclass_types: tuple, argv: list[str] | None = None, description: str | None = None):
+    """Parses `--config FILE.yaml` then the command line (which overrides the YAML) into dataclasses.
+
+    Unknown YAML keys are an error (a typo must not be silently ignored). Returns one instance per type.
+    """
+    parser = HfArgumentParser(dataclass_types, description=description)
+    parser.add_argument("--config", type=str, default=None,
+                        help="YAML file of flag values; flags given on the command line override it.")
+    argv = sys.argv[1:] if argv is None else argv
+    known, _ = parser.parse_known_args(argv)
+    if known.config:
+        values = yaml.safe_load(Path(known.config).read_text()) or {}
+        valid = {f.name for dc in dataclass_types for f in fields(dc)}
+        unknown = sorted(set(values) - valid)
+        if unknown:
+            raise ValueError(f"{known.config}: unknown keys {unknown}")
+        parser.set_defaults(**values)
+    # The extra --config flag comes back as one trailing argparse Namespace: drop it.
+    parsed = parser.parse_args_into_dataclasses(argv)
+    return tuple(p for p in parsed if is_dataclass(p))
+
+
+def resolved_config(*configs) -> dict:
+    """All fields of the given dataclasses as one flat dict, with secret-looking values redacted."""
+    out = {}
+    for cfg in configs:
+        for key, value in asdict(cfg).items():
+            out[key] = "<redacted>" if _SECRET.search(key) and value else value
+    return out
+
+
+def save_config(path: str | Path, *configs) -> None:
+    """Writes the resolved configuration as YAML (loadable again with --config)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(json.loads(json.dumps(resolved_config(*configs))), sort_keys=False))

@@ -1,0 +1,188 @@
+"""DPO training from configs: data, policy, reference (cache | frozen model | none), the DPO step, the loop.
+
+`train_dpo(model_args, data_args, dpo_args, train_args)` is the whole of `scripts/dpo.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from functools import partial
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from transformers import get_scheduler
+
+from . import data as data_lib
+from .config import save_config
+from .logps import FORWARDS
+from .losses import dpo_loss, preference_metrics
+from .modeling import load_model, load_model_and_tokenizer
+from .training import TrainState, build_accelerator, resolve_resume, total_steps, train_loop
+
+
+def make_dpo_step(dpo_args, *, forward, ref_model=None):
+    """The DPO step: `(model, batch) -> (mean loss, stats)`; reference from the batch (cache) or `ref_model`."""
+    loss_kwargs = dpo_args.loss_kwargs()
+
+    def step(model, batch):
+        out = forward(model, batch, ld_alpha=dpo_args.ld_alpha, wpo=dpo_args.use_weighting)
+        if dpo_args.reference_free:
+            ref_chosen = ref_rejected = None
+        elif "ref_chosen_logps" in batch:
+            ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        else:
+            with torch.no_grad():
+                ref = forward(ref_model, batch, ld_alpha=dpo_args.ld_alpha)
+            ref_chosen, ref_rejected = ref.chosen_logps, ref.rejected_logps
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            out.chosen_logps, out.rejected_logps, ref_chosen, ref_rejected, **loss_kwargs,
+            chosen_lengths=out.chosen_lengths, rejected_lengths=out.rejected_lengths, chosen_nll=out.chosen_nll,
+            chosen_wpo_log_weights=out.chosen_wpo_log_weights,
+            rejected_wpo_log_weights=out.rejected_wpo_log_weights)
+        stats = {"loss": losses.detach(), "rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
+                 **preference_metrics(chosen_rewards, rejected_rewards),
+                 "logps/chosen": out.chosen_logps.detach(), "logps/rejected": out.rejected_logps.detach(),
+                 "logits/chosen": out.chosen_mean_logits.detach(),
+                 "logits/rejected": out.rejected_mean_logits.detach()}
+        return losses.mean(), stats
+
+    return step
+
+
+def load_reference_cache(cache_dir, *, model_args, data_args, dpo_args, tokenizer, records, examples,
+                         mixed_precision, seed):
+    """The verified reference cache for every split of this run (an error names any mismatch)."""
+    from .ref_cache import load_cache, reference_fingerprint
+
+    expected = reference_fingerprint(
+        ref_model_path=model_args.ref_model_name_or_path or model_args.model_name_or_path,
+        revision=model_args.revision, tokenizer=tokenizer, records_by_split=records, examples_by_split=examples,
+        data_args=data_args, torch_dtype=model_args.torch_dtype, ld_alpha=dpo_args.ld_alpha,
+        mixed_precision=mixed_precision, seed=seed)
+    return load_cache(cache_dir, expected, {split: [e.id for e in exs] for split, exs in examples.items()})
+
+
+def collate_with_reference(examples, *, pad_token_id, split=None, cache=None):
+    batch = data_lib.collate_concat(examples, pad_token_id)
+    if cache is not None:
+        batch["ref_chosen_logps"], batch["ref_rejected_logps"] = cache.get(split, batch["ids"])
+    return batch
+
+
+def train_dpo(model_args, data_args, dpo_args, train_args) -> dict:
+    """Trains, saves the final model/tokenizer/config/metrics into `output_dir`; returns the final metrics."""
+    if not train_args.output_dir:
+        raise ValueError("--output_dir is required")
+    accelerator = build_accelerator(train_args)
+    accelerator.print(f"num_processes {accelerator.num_processes} ({accelerator.distributed_type}), "
+                      f"device {accelerator.device}, mixed_precision {accelerator.mixed_precision}")
+    set_seed(train_args.seed)
+    output_dir = Path(train_args.output_dir)
+    if accelerator.is_main_process:
+        save_config(output_dir / "config.yaml", model_args, data_args, dpo_args, train_args)
+
+    model, tokenizer = load_model_and_tokenizer(model_args)
+    if model_args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    settings = data_lib.TokenizeSettings(max_length=data_args.max_length,
+                                         max_prompt_length=data_args.max_prompt_length,
+                                         max_completion_length=data_args.max_completion_length,
+                                         truncation_mode=data_args.truncation_mode)
+    with accelerator.main_process_first():
+        records = data_lib.load_splits(data_args.dataset_name, split=data_args.dataset_split,
+                                       eval_split=data_args.eval_split, eval_fraction=data_args.eval_fraction,
+                                       seed=train_args.seed, dataset_config=data_args.dataset_config)
+        examples, problems = {}, []
+        for split, recs in records.items():
+            examples[split], split_problems = data_lib.tokenize_records(recs, tokenizer, settings)
+            problems += split_problems
+        data_lib.check_problems(problems, on_invalid=data_args.on_invalid,
+                                report_path=output_dir / "invalid_records.jsonl")
+
+    cache, ref_model = None, None
+    if dpo_args.ref_logprobs:
+        cache = load_reference_cache(dpo_args.ref_logprobs, model_args=model_args, data_args=data_args,
+                                     dpo_args=dpo_args, tokenizer=tokenizer, records=records, examples=examples,
+                                     mixed_precision=accelerator.mixed_precision, seed=train_args.seed)
+    elif not dpo_args.reference_free:
+        ref_model = load_model(model_args.ref_model_name_or_path or model_args.model_name_or_path,
+                               torch_dtype=model_args.torch_dtype, attn_implementation=model_args.attn_implementation,
+                               revision=model_args.revision, trust_remote_code=model_args.trust_remote_code,
+                               trainable=False)
+
+    def loader(split, batch_size, shuffle):
+        collate = partial(collate_with_reference, pad_token_id=tokenizer.pad_token_id, split=split, cache=cache)
+        return DataLoader(data_lib.PairDataset(examples[split]), batch_size=batch_size, shuffle=shuffle,
+                          collate_fn=collate, num_workers=train_args.dataloader_num_workers)
+
+    train_loader = loader("train", train_args.per_device_train_batch_size, shuffle=True)
+    eval_loader = loader("eval", train_args.per_device_eval_batch_size, False) if examples.get("eval") else None
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.dim() < 2 or "norm" in name.lower() else decay).append(param)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": train_args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=train_args.learning_rate, betas=(train_args.adam_beta1, train_args.adam_beta2),
+        eps=train_args.adam_epsilon)
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    if eval_loader is not None:
+        eval_loader = accelerator.prepare(eval_loader)
+    if ref_model is not None:
+        ref_model = accelerator.prepare_model(ref_model, evaluation_mode=True)
+
+    max_steps = total_steps(train_args, len(train_loader))
+    warmup = train_args.warmup_steps or math.ceil(train_args.warmup_ratio * max_steps)
+    scheduler = get_scheduler(train_args.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
+                              num_training_steps=max_steps)
+    state = TrainState()
+    accelerator.register_for_checkpointing(scheduler, state)
+    resume = resolve_resume(output_dir, train_args.resume_from_checkpoint)
+    if resume is not None:
+        accelerator.load_state(str(resume))
+        accelerator.print(f"Resumed from {resume} at step {state.global_step}")
+    # purge_step: after a resume, TensorBoard discards events logged past the checkpoint (no duplicate steps).
+    accelerator.init_trackers("tensorboard", config=_hparams(model_args, data_args, dpo_args, train_args),
+                              init_kwargs={"tensorboard": {"purge_step": state.global_step or None}})
+
+    step_fn = make_dpo_step(dpo_args, forward=FORWARDS[train_args.forward_mode], ref_model=ref_model)
+    metrics = train_loop(accelerator, model, optimizer, scheduler, train_loader, step_fn, train_args,
+                         eval_loader=eval_loader, max_steps=max_steps, state=state)
+    metrics["num_processes"] = accelerator.num_processes
+    save_final(accelerator, model, tokenizer, output_dir, metrics)
+    accelerator.print(format_metrics(metrics))
+    accelerator.end_training()
+    return metrics
+
+
+def format_metrics(metrics: dict) -> str:
+    """One line per metric group, for the console."""
+    lines = [f"{k:28s} {v:.4f}" if isinstance(v, float) else f"{k:28s} {v}" for k, v in metrics.items()]
+    return "\n".join(lines)
+
+
+def _hparams(*configs) -> dict:
+    """TensorBoard hparams accept scalars and strings only; secrets never leave `resolved_config`."""
+    from .config import resolved_config
+
+    return {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v))
+            for k, v in resolved_config(*configs).items()}
+
+
+def save_final(accelerator, model, tokenizer, output_dir: Path, metrics: dict) -> None:
+    """Full weights (gathered under ZeRO-3/FSDP) as safetensors, tokenizer, and `train_results.json`."""
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.save_pretrained(output_dir, is_main_process=accelerator.is_main_process, state_dict=state_dict,
+                              save_function=accelerator.save, safe_serialization=True)
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(output_dir)
+        tmp = output_dir / "train_results.json.tmp"
+        tmp.write_text(json.dumps(metrics, indent=2))
+        os.replace(tmp, output_dir / "train_results.json")
+    accelerator.wait_for_everyone()

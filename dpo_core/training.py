@@ -1,0 +1,280 @@
+"""The accelerate training loop shared by the scripts: accumulation, clipping, non-finite guard,
+logging, evaluation, checkpoints and resume.
+
+The loop knows nothing about DPO: a script passes `step_fn(model, batch) -> (loss, stats)`, where
+`stats` maps metric names (TRL's: `loss`, `rewards/chosen`, ...) to per-example `(B,)` tensors
+(averaged over all examples of all processes in a logging window) or to scalar tensors (averaged over
+micro-batches). Everything distributed goes
+through `Accelerator`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration
+from tqdm.auto import tqdm
+
+logger = get_logger(__name__)
+
+COMPLETE = "COMPLETE"  # marker written last into a checkpoint: only marked checkpoints count
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainState:
+    """What, besides model/optimizer/scheduler/RNG, a checkpoint needs to continue exactly."""
+
+    global_step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches of `epoch` already consumed: the data position
+    skipped_steps: int = 0  # optimizer steps skipped because of a non-finite loss or gradient norm
+    consecutive_nonfinite: int = 0
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+def build_accelerator(train_args, *, log: bool = True) -> Accelerator:
+    """The run's Accelerator: TensorBoard under `output_dir/logs`, a seedable sampler for exact resume."""
+    return Accelerator(
+        cpu=_cpu_only(),
+        gradient_accumulation_steps=train_args.gradient_accumulation_steps,
+        log_with="tensorboard" if log and train_args.report_to == "tensorboard" else None,
+        project_config=ProjectConfiguration(project_dir=train_args.output_dir,
+                                            logging_dir=os.path.join(train_args.output_dir, "logs")),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=train_args.seed),
+        kwargs_handlers=process_group_kwargs(),
+    )
+
+
+def _cpu_only() -> bool:
+    """True on a machine without GPU/MPS, unless DeepSpeed runs (cpu=True would switch DeepSpeed off).
+
+    accelerate's launcher gives several processes on a CPU-only machine only for `--multi_gpu` (or a
+    MULTI_GPU config), and they then run unconnected unless the script asks for the CPU itself.
+    """
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return False
+    return not (torch.cuda.is_available() or torch.backends.mps.is_available())
+
+
+def process_group_kwargs() -> list:
+    """gloo on CPU-only multi-process runs (DeepSpeed needs it said explicitly); nothing otherwise."""
+    if torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return []
+    return [InitProcessGroupKwargs(backend="gloo")]
+
+
+class MetricWindow:
+    """Sums metrics locally and reduces them across processes only when flushed (one sync per log)."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, torch.Tensor] = {}
+
+    def add(self, stats: dict[str, torch.Tensor]) -> None:
+        for key, value in stats.items():
+            value = value.detach().float()
+            n = torch.tensor(float(value.numel()), device=value.device)
+            self.sums[key] = self.sums.get(key, 0) + value.sum()
+            self.counts[key] = self.counts.get(key, 0) + n
+
+    def flush(self, accelerator: Accelerator) -> dict[str, float]:
+        if not self.sums:
+            return {}
+        keys = sorted(self.sums)
+        sums = accelerator.reduce(torch.stack([self.sums[k] for k in keys]), reduction="sum")
+        counts = accelerator.reduce(torch.stack([self.counts[k] for k in keys]), reduction="sum")
+        self.sums, self.counts = {}, {}
+        return {k: (s / c).item() for k, s, c in zip(keys, sums, counts)}
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def checkpoint_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Committed checkpoints, oldest first (a save interrupted midway has no marker and is ignored)."""
+    root = checkpoint_dir(output_dir)
+    found = [p for p in root.glob("checkpoint-*") if (p / COMPLETE).exists() and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, limit: int | None) -> Path:
+    """`save_state` into a temporary directory, then rename and mark complete; rotate old ones after."""
+    final = checkpoint_dir(output_dir) / f"checkpoint-{step}"
+    tmp = final.with_name(final.name + ".tmp")
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        (final / COMPLETE).write_text(json.dumps({"step": step, "time": time.time()}))
+        # Rotate only now: the newest complete checkpoint is never deleted before its successor exists.
+        if limit:
+            for old in complete_checkpoints(output_dir)[:-limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
+    """`latest` -> newest complete checkpoint or None (fresh start); a path must be a complete checkpoint."""
+    if not resume:
+        return None
+    if resume == "latest":
+        found = complete_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / COMPLETE).exists():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
+    return path
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(accelerator: Accelerator, model, dataloader, step_fn: Callable) -> dict[str, float]:
+    """Averages over every held-out example exactly once (`gather_for_metrics` drops padding duplicates)."""
+    was_training = model.training
+    model.eval()
+    gathered: dict[str, list[torch.Tensor]] = {}
+    for batch in dataloader:
+        with accelerator.autocast():
+            _, stats = step_fn(model, batch)
+        for key, value in stats.items():
+            if value.dim() == 1:  # per-example metrics; scalars are per-batch statistics, skipped here
+                gathered.setdefault(key, []).append(accelerator.gather_for_metrics(value.detach().float()))
+    model.train(was_training)
+    return {key: torch.cat(values).mean().item() for key, values in gathered.items()}
+
+
+# ------------------------------------------------------------------------------------------------- the loop
+def total_steps(train_args, batches_per_epoch: int) -> int:
+    if train_args.max_steps > 0:
+        return train_args.max_steps
+    steps_per_epoch = math.ceil(batches_per_epoch / train_args.gradient_accumulation_steps)
+    return max(1, math.ceil(steps_per_epoch * train_args.num_train_epochs))
+
+
+def train_loop(accelerator: Accelerator, model, optimizer, scheduler, train_loader, step_fn: Callable, train_args,
+               *, eval_loader=None, max_steps: int, state: TrainState | None = None,
+               on_log: Callable[[dict], None] | None = None) -> dict[str, float]:
+    """Runs optimizer steps until `max_steps`; returns the last logged train metrics and eval metrics.
+
+    `model`, `optimizer`, `train_loader` and `eval_loader` are already `accelerator.prepare`d. The
+    scheduler is stepped here once per optimizer step (not prepared: accelerate would step it once per
+    process). Resume state must be loaded before the call (see `dpo_core.dpo`).
+    """
+    state = state or TrainState()
+    window, params = MetricWindow(), [p for p in model.parameters() if p.requires_grad]
+    logs: dict[str, float] = {}
+    eval_metrics: dict[str, float] = {}
+    tokens, t_log = torch.zeros((), device=accelerator.device), time.perf_counter()
+    bad = torch.zeros((), device=accelerator.device)
+    bar = tqdm(total=max_steps, initial=state.global_step, disable=not accelerator.is_local_main_process,
+               desc="train", dynamic_ncols=True)
+    model.train()
+    while state.global_step < max_steps:
+        train_loader.set_epoch(state.epoch)
+        loader = accelerator.skip_first_batches(train_loader, state.batches_in_epoch) \
+            if state.batches_in_epoch else train_loader
+        for batch in loader:
+            state.batches_in_epoch += 1
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    loss, stats = step_fn(model, batch)
+                # Backward runs even on a non-finite loss: skipping it on one rank would desynchronise
+                # DDP's all-reduce. The NaN reaches the gradients, and the whole step is dropped below.
+                bad = torch.maximum(bad, (~torch.isfinite(loss.detach())).float())
+                accelerator.backward(loss)
+                window.add(stats)
+                tokens += batch["attention_mask"].sum()
+            if not accelerator.sync_gradients:
+                continue
+            grad_norm = grad_norm_and_clip(accelerator, params, train_args.max_grad_norm)
+            # Every rank must take the same decision: reduce the flag (one small all-reduce per step).
+            bad = torch.maximum(bad, (~torch.isfinite(grad_norm)).float())
+            skip = accelerator.reduce(bad, reduction="sum").item() > 0
+            if skip:
+                state.skipped_steps += 1
+                state.consecutive_nonfinite += 1
+                logger.warning(f"step {state.global_step + 1}: non-finite loss or gradient norm, update skipped "
+                               f"({state.skipped_steps} skipped so far)")
+            else:
+                optimizer.step()
+                state.consecutive_nonfinite = 0
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            bad.zero_()
+            state.global_step += 1
+            bar.update(1)
+            if state.consecutive_nonfinite >= train_args.max_consecutive_nonfinite:
+                raise NonFiniteError(f"{state.consecutive_nonfinite} optimizer steps in a row had a non-finite loss "
+                                     f"or gradient norm (last at step {state.global_step}); stopping. Lower the "
+                                     "learning rate, check the data, or use float32/bf16 instead of fp16.")
+            window.add({"grad_norm": grad_norm.detach().float().reshape(1)} if not skip else {})
+            step = state.global_step
+            if step % train_args.logging_steps == 0 or step == max_steps:
+                elapsed = time.perf_counter() - t_log
+                logs = window.flush(accelerator)
+                logs["learning_rate"] = scheduler.get_last_lr()[0]
+                logs["tokens_per_second"] = accelerator.reduce(tokens, reduction="sum").item() / max(elapsed, 1e-9)
+                logs["skipped_steps"] = state.skipped_steps
+                logs["epoch"] = state.epoch + state.batches_in_epoch / max(len(train_loader), 1)
+                accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=step)
+                bar.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}")
+                if on_log:
+                    on_log({"step": step, **logs})
+                tokens.zero_()
+                t_log = time.perf_counter()
+            if eval_loader is not None and train_args.eval_steps and step % train_args.eval_steps == 0:
+                eval_metrics = evaluate(accelerator, model, eval_loader, step_fn)
+                accelerator.log({f"eval/{k}": v for k, v in eval_metrics.items()}, step=step)
+            if train_args.save_steps and step % train_args.save_steps == 0:
+                save_checkpoint(accelerator, train_args.output_dir, step, train_args.save_total_limit)
+            if step >= max_steps:
+                break
+        else:  # the epoch ran out before max_steps
+            state.epoch += 1
+            state.batches_in_epoch = 0
+    bar.close()
+    if eval_loader is not None and (not train_args.eval_steps or state.global_step % train_args.eval_steps):
+        eval_metrics = evaluate(accelerator, model, eval_loader, step_fn)
+        accelerator.log({f"eval/{k}": v for k, v in eval_metrics.items()}, step=state.global_step)
+    return {**{f"train_{k}": v for k, v in logs.items()}, **{f"eval_{k}": v for k, v in eval_metrics.items()},
+            "global_step": state.global_step, "skipped_steps": state.skipped_steps}
+
+
+def grad_norm_and_clip(accelerator: Accelerator, params, max_grad_norm: float) -> torch.Tensor:
+    """Total gradient norm (after the accumulation's all-reduce), clipped to `max_grad_norm` when > 0."""
+    if max_grad_norm and max_grad_norm > 0:
+        norm = accelerator.clip_grad_norm_(params, max_grad_norm)
+        if norm is not None:
+            return torch.as_tensor(norm, device=accelerator.device, dtype=torch.float32)
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=accelerator.device)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))

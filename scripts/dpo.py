@@ -1,0 +1,32 @@
+"""Direct Preference Optimization of a causal LM, under any accelerate config.
+
+Examples (the tiny demo model: `python scripts/build_tiny_model.py runs/tiny-model`):
+
+    # one process (CPU, MPS or one GPU)
+    accelerate launch --config_file accelerate_configs/cpu.yaml scripts/dpo.py \
+        --model_name_or_path runs/tiny-model --dataset_name data/demo --eval_split test \
+        --output_dir runs/dpo --learning_rate 1e-3 --max_steps 60 --beta 0.1
+
+    # two CPU processes (gloo), reference log-probs from a precomputed cache
+    accelerate launch --config_file accelerate_configs/multi_cpu.yaml scripts/dpo.py \
+        --config recipes/demo_dpo.yaml --ref_logprobs runs/ref-cache
+
+    # any flag may come from a YAML file; the command line overrides it
+    accelerate launch scripts/dpo.py --config my.yaml --beta 0.2 --loss_type sigmoid sft --loss_weights 1 0.2
+
+Writes into --output_dir: the model (safetensors) and tokenizer, config.yaml, train_results.json,
+logs/ (TensorBoard: train/* and eval/* scalars) and checkpoints/ (with --save_steps).
+"""
+
+from dpo_core.config import DataArguments, DPOArguments, ModelArguments, TrainArguments, parse_config
+from dpo_core.dpo import train_dpo
+
+
+def main(argv=None):
+    model_args, data_args, dpo_args, train_args = parse_config(
+        (ModelArguments, DataArguments, DPOArguments, TrainArguments), argv, description=__doc__)
+    train_dpo(model_args, data_args, dpo_args, train_args)
+
+
+if __name__ == "__main__":
+    main()
