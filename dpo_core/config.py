@@ -154,6 +154,8 @@ class TrainArguments:
     logging_steps: int = field(default=10, metadata={"help": "Log train metrics every N optimizer steps."})
     eval_steps: int | None = field(
         default=None, metadata={"help": "Evaluate every N steps (and always at the end when eval data exist)."})
+    eval_on_start: bool = field(
+        default=False, metadata={"help": "Evaluate once before training (the baseline: policy == reference)."})
     save_steps: int | None = field(default=None, metadata={"help": "Save a resumable checkpoint every N steps."})
     save_total_limit: int | None = field(default=None, metadata={"help": "Keep at most N checkpoints."})
     resume_from_checkpoint: str | None = field(

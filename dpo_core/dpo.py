@@ -45,6 +45,8 @@ def make_dpo_step(dpo_args, *, forward, ref_model=None):
             rejected_wpo_log_weights=out.rejected_wpo_log_weights)
         stats = {"loss": losses.detach(), "rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
                  **preference_metrics(chosen_rewards, rejected_rewards),
+                 # TRL's accuracy counts ties (e.g. policy == reference) as wrong; report them apart.
+                 "rewards/ties": (chosen_rewards == rejected_rewards).float(),
                  "logps/chosen": out.chosen_logps.detach(), "logps/rejected": out.rejected_logps.detach(),
                  "logits/chosen": out.chosen_mean_logits.detach(),
                  "logits/rejected": out.rejected_mean_logits.detach()}

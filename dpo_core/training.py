@@ -196,6 +196,9 @@ def train_loop(accelerator: Accelerator, model, optimizer, scheduler, train_load
     bad = torch.zeros((), device=accelerator.device)
     bar = tqdm(total=max_steps, initial=state.global_step, disable=not accelerator.is_local_main_process,
                desc="train", dynamic_ncols=True)
+    if eval_loader is not None and train_args.eval_on_start and state.global_step == 0:
+        eval_metrics = evaluate(accelerator, model, eval_loader, step_fn)
+        accelerator.log({f"eval/{k}": v for k, v in eval_metrics.items()}, step=0)
     model.train()
     while state.global_step < max_steps:
         train_loader.set_epoch(state.epoch)

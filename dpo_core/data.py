@@ -1,0 +1,565 @@
+"""Preference data: loading, validation, chat templates, tokenization, truncation and collation.
+
+    records = load_splits("data/demo", split="train", eval_split="test")       # {"train": [...], "eval": [...]}
+    examples, problems = tokenize_records(records["train"], tokenizer, TokenizeSettings(max_length=512))
+    check_problems(problems, on_invalid="skip", report_path="run/invalid_records.jsonl")
+    batch = collate_concat(examples[:8], tokenizer.pad_token_id)            # 2B rows: chosen, then rejected
+
+Tokenization follows TRL 1.16 (`DPOTrainer._prepare_dataset`) token for token, so reference log-probs
+computed by either tool agree for the same model and data. The deliberate differences are safety nets
+that only fire where TRL would train on something broken: a doubled BOS is dropped, a standard completion
+ends in exactly one EOS, and records TRL would drop silently (or crash on) are reported as `Problem`s.
+Nothing is dropped silently: every record that does not become an `Example` is either raised in one
+`DataValidationError` or written to a JSONL report and counted in a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+EXTENSIONS = (".jsonl", ".json", ".parquet")
+MAX_LISTED_PROBLEMS = 50
+
+
+@dataclass(frozen=True)
+class TokenizeSettings:
+    """Every setting that changes the token ids (its `asdict()` goes into the reference-cache fingerprint)."""
+
+    max_length: int | None = field(default=512, metadata={"help": "Max prompt+completion tokens per sequence."})
+    max_prompt_length: int | None = field(default=None, metadata={"help": "Max prompt tokens (truncated first)."})
+    max_completion_length: int | None = field(default=None, metadata={
+        "help": "Keep this many first tokens of each completion."})
+    truncation_mode: str = field(default="keep_start", metadata={
+        "help": "keep_start: cut the end (completion tail); keep_end: cut the start (prompt head)."})
+
+    def __post_init__(self):
+        if self.truncation_mode not in ("keep_start", "keep_end"):
+            raise ValueError(f"truncation_mode must be 'keep_start' or 'keep_end', got {self.truncation_mode!r}")
+        for name in ("max_length", "max_prompt_length", "max_completion_length"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+
+
+@dataclass
+class Record:
+    """One raw row. A row that could not be parsed has `data=None` and `error` set."""
+
+    id: int            # row index in its split: stable, and kept by a carved eval split
+    source: str        # file path, or "hub:<name>[<config>]/<split>"
+    location: str      # "line 12" (jsonl, 1-based) or "row 12" (json array / parquet / hub, 0-based)
+    data: dict | None
+    error: str | None = None
+
+
+@dataclass
+class Example:
+    """One tokenized preference pair; `chosen_ids`/`rejected_ids` hold completion tokens only."""
+
+    id: int
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+
+
+@dataclass
+class Problem:
+    """One reason a record cannot be used."""
+
+    source: str
+    location: str
+    field: str         # "prompt" | "chosen" | "rejected" | "json" | "chat_template" | "tools" | ...
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.source}, {self.location}, field '{self.field}': {self.reason}"
+
+
+def problem_counts(problems: list[Problem]) -> dict[str, Any]:
+    """{"records": bad records, "problems": total, "by_field": {field: count}} (a record may have several)."""
+    return {"records": len({(p.source, p.location) for p in problems}), "problems": len(problems),
+            "by_field": dict(Counter(p.field for p in problems).most_common())}
+
+
+class DataValidationError(ValueError):
+    """Raised with every problem found (the message lists the first 50); `.problems` holds them all."""
+
+    def __init__(self, problems: list[Problem], report_path: str | Path | None = None):
+        self.problems, self.counts = problems, problem_counts(problems)
+        lines = [f"{self.counts['records']} invalid record(s), {len(problems)} problem(s) "
+                 f"(by field: {self.counts['by_field']}):"]
+        lines += [f"  {p}" for p in problems[:MAX_LISTED_PROBLEMS]]
+        if len(problems) > MAX_LISTED_PROBLEMS:
+            lines.append(f"  ... and {len(problems) - MAX_LISTED_PROBLEMS} more")
+        if report_path is not None:
+            lines.append(f"All of them are listed in {report_path}.")
+        lines.append("Fix the data, or pass on_invalid='skip' to drop these records with a report.")
+        super().__init__("\n".join(lines))
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+def _read_jsonl(path: Path, start_id: int = 0) -> list[Record]:
+    # Parsed line by line (not with `datasets`) so that a malformed line is reported with its number.
+    records = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            data, error = None, None
+            try:
+                data = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                error = f"not valid UTF-8 ({e.reason} at byte {e.start})"
+            except json.JSONDecodeError as e:
+                error = f"malformed JSON: {e.msg} (column {e.colno})"
+            if error is None and not isinstance(data, dict):
+                data, error = None, f"record is not a JSON object (got {type(data).__name__})"
+            records.append(Record(start_id + len(records), str(path), f"line {lineno}", data, error))
+    return records
+
+
+def _rows_to_records(rows, source: str, start_id: int = 0) -> list[Record]:
+    return [Record(start_id + i, source, f"row {i}", row, None) if isinstance(row, dict) else
+            Record(start_id + i, source, f"row {i}", None, f"record is not a JSON object (got {type(row).__name__})")
+            for i, row in enumerate(rows)]
+
+
+def _read_json(path: Path, start_id: int = 0) -> list[Record]:
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):  # a JSON array: one syntax error makes the whole file unreadable
+        try:
+            return _rows_to_records(json.loads(text), str(path), start_id)
+        except json.JSONDecodeError as e:
+            return [Record(start_id, str(path), f"line {e.lineno}", None, f"malformed JSON array: {e.msg}")]
+    try:  # {"data": [...]}, as `datasets` reads with field="data"
+        whole = json.loads(text)
+        if isinstance(whole, dict) and isinstance(whole.get("data"), list):
+            return _rows_to_records(whole["data"], str(path), start_id)
+    except json.JSONDecodeError:
+        pass
+    return _read_jsonl(path, start_id)  # JSON lines with a .json name, as `datasets` accepts
+
+
+def _read_file(path: Path, start_id: int = 0) -> list[Record]:
+    if path.suffix == ".jsonl":
+        return _read_jsonl(path, start_id)
+    if path.suffix == ".json":
+        return _read_json(path, start_id)
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+        return _rows_to_records(pq.read_table(path).to_pylist(), str(path), start_id)
+    raise ValueError(f"{path}: unsupported file type (expected one of {', '.join(EXTENSIONS)})")
+
+
+def _split_files(folder: Path) -> dict[str, list[Path]]:
+    """Data files of a folder by split, named `<split>.<ext>` or `<split>-*.<ext>` (also under `data/`)."""
+    splits: dict[str, list[Path]] = {}
+    for path in sorted([*folder.glob("*"), *folder.glob("data/*")]):
+        if path.is_file() and path.suffix in EXTENSIONS:
+            splits.setdefault(path.name[: -len(path.suffix)].split("-")[0], []).append(path)
+    return splits
+
+
+def _load_split(dataset_name: str, split: str, dataset_config: str | None) -> list[Record]:
+    path = Path(dataset_name).expanduser()
+    if path.is_file():
+        return _read_file(path)
+    if path.is_dir():
+        splits = _split_files(path)
+        if split not in splits:
+            raise ValueError(f"{path}: no files for split {split!r} (expected {split}.jsonl/.json/.parquet or "
+                             f"{split}-*.<ext>); available splits: {sorted(splits) or 'none'}")
+        records: list[Record] = []
+        for file in splits[split]:  # shards: ids continue across files, in name order
+            records += _read_file(file, start_id=len(records))
+        return records
+    if path.suffix in EXTENSIONS or dataset_name.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{dataset_name}: no such file or directory")
+    import datasets
+
+    # The split is part of the source: "row 3" alone would not say whether of train or of test.
+    source = f"hub:{dataset_name}" + (f"[{dataset_config}]" if dataset_config else "") + f"/{split}"
+    return _rows_to_records(datasets.load_dataset(dataset_name, dataset_config, split=split), source)
+
+
+def load_splits(dataset_name: str, *, split: str = "train", eval_split: str | None = None,
+                eval_fraction: float = 0.0, seed: int = 0, dataset_config: str | None = None
+                ) -> dict[str, list[Record]]:
+    """Reads raw records from a .jsonl/.json/.parquet file, a folder of split files, or a hub dataset.
+
+    Args:
+        dataset_name: a file (it is the `split`), a folder (`<split>.<ext>` / `<split>-*.<ext>`), or a hub name.
+        split: the training split.
+        eval_split: a named split to evaluate on (folder or hub only).
+        eval_fraction: 0 < f < 1 carves a seeded random held-out subset out of `split`; ids are kept.
+        seed: seed of that carve-out.
+        dataset_config: hub config name.
+
+    Returns:
+        {"train": records, "eval": records}; "eval" is absent when neither eval option is given.
+    """
+    if not 0.0 <= eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    if eval_split is not None and eval_fraction > 0:
+        raise ValueError("give either eval_split or eval_fraction, not both")
+    if eval_split is not None and Path(dataset_name).expanduser().is_file():
+        raise ValueError(f"{dataset_name} is a single file, i.e. one split: use eval_fraction, or a folder "
+                         f"holding {split}.<ext> and {eval_split}.<ext>")
+    records = _load_split(dataset_name, split, dataset_config)
+    if eval_split is not None:
+        return {"train": records, "eval": _load_split(dataset_name, eval_split, dataset_config)}
+    if eval_fraction == 0:
+        return {"train": records}
+    n_eval = max(1, round(eval_fraction * len(records)))
+    if n_eval >= len(records):
+        raise ValueError(f"eval_fraction={eval_fraction} leaves no training records out of {len(records)}")
+    held_out = set(random.Random(seed).sample(range(len(records)), n_eval))
+    return {"train": [r for i, r in enumerate(records) if i not in held_out],
+            "eval": [r for i, r in enumerate(records) if i in held_out]}
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+def _check_value(value: Any) -> str | None:
+    """Why a prompt/chosen/rejected value is unusable, or None. A value is a string or a message list."""
+    if value is None:
+        return "is null"
+    if isinstance(value, str):
+        return "is empty or whitespace-only" if not value.strip() else None
+    if not isinstance(value, list):
+        return f"must be a string or a list of {{role, content}} messages, got {type(value).__name__}"
+    if not value:
+        return "is an empty message list"
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            return f"message {i} must be an object with string 'role' and 'content', got {str(m)[:80]}"
+    if not any(m["content"].strip() for m in value):
+        return "has only empty or whitespace-only message contents"
+    return None
+
+
+def _validate(data: dict) -> list[tuple[str, str]]:
+    problems = [(k, "missing") for k in ("chosen", "rejected") if k not in data]
+    problems += [(k, reason) for k in ("prompt", "chosen", "rejected")
+                 if k in data and (reason := _check_value(data[k])) is not None]
+    if problems:
+        return problems
+    conversational = isinstance(data["chosen"], list)
+    for k in ("prompt", "rejected"):
+        if k in data and isinstance(data[k], list) != conversational:
+            problems.append((k, f"is {'a message list' if isinstance(data[k], list) else 'a string'} but chosen "
+                                f"is {'a message list' if conversational else 'a string'}; use one format per record"))
+    if data["chosen"] == data["rejected"]:
+        problems.append(("rejected", "is identical to chosen"))
+    tools = data.get("tools")
+    if isinstance(tools, str):
+        try:
+            json.loads(tools)
+        except json.JSONDecodeError as e:
+            problems.append(("tools", f"is a string but not valid JSON: {e.msg}"))
+    if data.get("chat_template_kwargs") is not None and not isinstance(data["chat_template_kwargs"], dict):
+        problems.append(("chat_template_kwargs", "must be an object"))
+    return problems
+
+
+def _extract_prompt(chosen, rejected):
+    """The shared leading turns (or characters) of chosen and rejected, as TRL's `extract_prompt`."""
+    n = min(len(chosen), len(rejected))
+    idx = next((i for i in range(n) if chosen[i] != rejected[i]), None)
+    if idx is None:  # one is a prefix of the other: TRL's loop variable ends at n - 1
+        idx = n - 1
+    elif idx > 0 and chosen[idx - 1] == " ":  # the space goes to the completions
+        idx -= 1
+    return chosen[:idx], chosen[idx:], rejected[idx:]
+
+
+# -------------------------------------------------------------------------------- tokenize + truncate
+
+def _common_prefix_length(ids: list[int], other: list[int]) -> int:
+    n = 0
+    for a, b in zip(ids, other):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
+def _encode(tokenizer, value: str | list, template_kwargs: dict, **kwargs) -> list[int]:
+    if isinstance(value, list):
+        ids = tokenizer.apply_chat_template(value, tokenize=True, return_dict=True, **template_kwargs, **kwargs)
+    else:
+        ids = tokenizer(text=value)
+    ids = [int(i) for i in ids["input_ids"]]
+    # A template or text that carries BOS plus a tokenizer that adds it gives two; the model never saw that.
+    bos = tokenizer.bos_token_id
+    return ids[1:] if bos is not None and ids[:2] == [bos, bos] else ids
+
+
+def _one_final_eos(ids: list[int], eos: int | None) -> list[int]:
+    while eos is not None and len(ids) >= 2 and ids[-1] == ids[-2] == eos:
+        ids = ids[:-1]
+    return ids
+
+
+def _tokenize_pair(data: dict, tokenizer) -> tuple[list[int], list[int], list[int], bool]:
+    """TRL 1.16's `_prepare_dataset` for one record: (prompt_ids, chosen_ids, rejected_ids, prompt_cut)."""
+    if "prompt" in data:
+        prompt, chosen, rejected = data["prompt"], data["chosen"], data["rejected"]
+    else:
+        prompt, chosen, rejected = _extract_prompt(data["chosen"], data["rejected"])
+    if not prompt:
+        raise _Invalid("prompt", "no 'prompt' field, and chosen/rejected share no leading text or turns")
+    conversational, eos = isinstance(chosen, list), tokenizer.eos_token
+    if conversational:
+        tools = data.get("tools")
+        kwargs = {"tools": json.loads(tools) if isinstance(tools, str) else tools,
+                  **(data.get("chat_template_kwargs") or {})}
+        p = _encode(tokenizer, prompt, kwargs, add_generation_prompt=True)
+        pc, pr = _encode(tokenizer, prompt + chosen, kwargs), _encode(tokenizer, prompt + rejected, kwargs)
+    else:
+        chosen = chosen if chosen.endswith(eos) else chosen + eos
+        rejected = rejected if rejected.endswith(eos) else rejected + eos
+        p, pc, pr = (_encode(tokenizer, t, {}) for t in (prompt, prompt + chosen, prompt + rejected))
+    # The completion starts where prompt and prompt+completion diverge: a template may render the prompt
+    # alone differently, or tokens may merge across the boundary (TRL's `common_prefix_length`).
+    n = min(_common_prefix_length(p, pc), _common_prefix_length(p, pr))
+    chosen_ids, rejected_ids = pc[n:], pr[n:]
+    if not conversational:
+        chosen_ids = _one_final_eos(chosen_ids, tokenizer.eos_token_id)
+        rejected_ids = _one_final_eos(rejected_ids, tokenizer.eos_token_id)
+    return p[:n], chosen_ids, rejected_ids, n < len(p)
+
+
+class _Invalid(Exception):
+    def __init__(self, field: str, reason: str):
+        super().__init__(reason)
+        self.field, self.reason = field, reason
+
+
+def truncate_pair(prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[int],
+                  settings: TokenizeSettings) -> tuple[list[int], list[int], list[int]]:
+    """Applies `max_prompt_length`, then `max_completion_length`, then `max_length`, in that order.
+
+    `max_prompt_length` keeps the prompt's first (keep_start) or last (keep_end) tokens;
+    `max_completion_length` keeps each completion's first tokens; `max_length` bounds prompt+completion
+    per sequence: keep_start cuts the completion's tail, keep_end cuts the prompt's head (as TRL's collator
+    slices `ids[-max_length:]`). Chosen and rejected share one prompt, so under keep_end the prompt is cut
+    for the longer completion (TRL cuts each row separately and may keep more prompt for the shorter one).
+
+    Returns:
+        (prompt_ids, chosen_ids, rejected_ids); a part comes back empty when the bounds leave it nothing.
+    """
+    p, c, r = list(prompt_ids), list(chosen_ids), list(rejected_ids)
+    keep_start = settings.truncation_mode == "keep_start"
+    if settings.max_prompt_length is not None and len(p) > settings.max_prompt_length:
+        p = p[: settings.max_prompt_length] if keep_start else p[len(p) - settings.max_prompt_length:]
+    if settings.max_completion_length is not None:
+        c, r = c[: settings.max_completion_length], r[: settings.max_completion_length]
+    if settings.max_length is not None:
+        if keep_start:
+            room = max(0, settings.max_length - len(p))
+            c, r = c[:room], r[:room]
+        else:
+            c, r = c[len(c) - min(len(c), settings.max_length):], r[len(r) - min(len(r), settings.max_length):]
+            room = max(0, settings.max_length - max(len(c), len(r)))
+            p = p[len(p) - min(len(p), room):]
+    return p, c, r
+
+
+def _length_problems(full: list[list[int]], cut: tuple[list[int], ...], s: TokenizeSettings):
+    """Why a pair has an empty part after tokenization or truncation, naming the setting to change."""
+    if all(cut):
+        return []
+    empty = [(name, "has no tokens after tokenization") for name, ids in zip(("prompt", "chosen", "rejected"), full)
+             if not ids]
+    if empty:
+        return empty
+    # Otherwise only max_length can have emptied a part (the other limits are >= 1).
+    if s.truncation_mode == "keep_start":
+        n = min(len(full[0]), s.max_prompt_length or len(full[0]))
+        return [("prompt", f"the prompt ({n} tokens) fills max_length={s.max_length}, leaving no completion "
+                           "token (truncation_mode='keep_start'); raise max_length or set max_prompt_length "
+                           f"below {s.max_length}")]
+    return [("prompt", f"no prompt token left: a completion alone fills max_length={s.max_length} "
+                       "(truncation_mode='keep_end'); raise max_length or set max_completion_length "
+                       f"below {s.max_length}")]
+
+
+def tokenize_records(records: list[Record], tokenizer, settings: TokenizeSettings
+                     ) -> tuple[list[Example], list[Problem]]:
+    """Validates, tokenizes (as TRL 1.16) and truncates every record; never stops at the first bad one.
+
+    Returns:
+        (examples of the valid records in input order, problems of the others: one or more per bad record).
+    """
+    usable = [r for r in records if r.data is not None and "chosen" in r.data]
+    if getattr(tokenizer, "chat_template", None) is None and any(isinstance(r.data["chosen"], list) for r in usable):
+        raise ValueError("the data is conversational (message lists) but the tokenizer has no chat_template; "
+                         "set tokenizer.chat_template or use a tokenizer that has one")
+    if tokenizer.eos_token is None and any(isinstance(r.data["chosen"], str) for r in usable):
+        raise ValueError("standard (string) completions need an EOS token, but the tokenizer has no eos_token")
+    examples, problems, n_prompt_cut = [], [], 0
+    for record in records:
+        found = [("json", record.error)] if record.data is None else _validate(record.data)
+        if not found:
+            try:
+                *full, prompt_cut = _tokenize_pair(record.data, tokenizer)
+            except _Invalid as e:
+                found = [(e.field, e.reason)]
+            except Exception as e:  # a chat template may reject a record (roles, tools): report, don't crash
+                culprit = "chat_template" if isinstance(record.data["chosen"], list) else "tokenizer"
+                found = [(culprit, f"tokenization failed: {type(e).__name__}: {e}")]
+            else:
+                n_prompt_cut += prompt_cut
+                cut = truncate_pair(*full, settings)
+                found = _length_problems(full, cut, settings)
+        if found:
+            problems += [Problem(record.source, record.location, f, reason) for f, reason in found]
+        else:
+            examples.append(Example(record.id, *cut))
+    if n_prompt_cut:  # TRL warns about this too: training context != inference context
+        logger.warning("%d record(s): the tokenized prompt is not a prefix of prompt+completion (the chat "
+                       "template renders the prompt alone differently, or tokens merge across the boundary); "
+                       "the completion starts where they diverge and the prompt's differing end is left out",
+                       n_prompt_cut)
+    return examples, problems
+
+
+# ---------------------------------------------------------------------------------------- reporting
+
+def _write_report(problems: list[Problem], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.",
+                                     delete=False) as f:
+        for p in problems:
+            f.write(json.dumps({"source": p.source, "location": p.location, "field": p.field,
+                                "reason": p.reason}, ensure_ascii=False) + "\n")
+    os.replace(f.name, path)  # atomic: a reader never sees half a report
+
+
+def _check_on_invalid(on_invalid: str, report_path) -> None:
+    if on_invalid not in ("error", "skip"):
+        raise ValueError(f"on_invalid must be 'error' or 'skip', got {on_invalid!r}")
+    if on_invalid == "skip" and report_path is None:
+        raise ValueError("on_invalid='skip' needs a report path, so that skipped records are listed somewhere")
+
+
+def check_problems(problems: list[Problem], *, on_invalid: str = "error",
+                   report_path: str | Path | None = None) -> None:
+    """Raises on invalid records, or skips them with a report; never drops a record silently.
+
+    Args:
+        problems: from `tokenize_records`.
+        on_invalid: "error" raises one `DataValidationError` listing them all (first 50 in the message);
+            "skip" logs a warning with the counts and the report path.
+        report_path: JSONL report, one object per problem (source, location, field, reason). Required with
+            "skip", where it is always (re)written, empty when there are no problems, so a stale report
+            never outlives its data. With "error" it is written only when there are problems.
+    """
+    _check_on_invalid(on_invalid, report_path)
+    if report_path is not None and (problems or on_invalid == "skip"):
+        _write_report(problems, Path(report_path))
+    if problems and on_invalid == "error":
+        raise DataValidationError(problems, report_path)
+    if problems:
+        counts = problem_counts(problems)
+        logger.warning("Skipped %d invalid record(s) (%d problem(s), by field: %s); listed in %s",
+                       counts["records"], counts["problems"], counts["by_field"], report_path)
+
+
+def prepare_examples(dataset_name: str, tokenizer, settings: TokenizeSettings, *, split: str = "train",
+                     eval_split: str | None = None, eval_fraction: float = 0.0, seed: int = 0,
+                     dataset_config: str | None = None, on_invalid: str = "error",
+                     report_dir: str | Path | None = None) -> dict[str, list[Example]]:
+    """`load_splits` + `tokenize_records` per split + one `check_problems` over all splits.
+
+    The report goes to `report_dir/invalid_records.jsonl`. Returns {"train": examples[, "eval": examples]}.
+    """
+    report_path = Path(report_dir) / "invalid_records.jsonl" if report_dir is not None else None
+    _check_on_invalid(on_invalid, report_path)  # fail before the (possibly long) tokenization
+    splits = load_splits(dataset_name, split=split, eval_split=eval_split, eval_fraction=eval_fraction,
+                         seed=seed, dataset_config=dataset_config)
+    out, all_problems = {}, []
+    for name, records in splits.items():
+        out[name], problems = tokenize_records(records, tokenizer, settings)
+        all_problems += problems
+        logger.info("%s: %d of %d records tokenized", name, len(out[name]), len(records))
+    check_problems(all_problems, on_invalid=on_invalid, report_path=report_path)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- fingerprints
+
+def dataset_fingerprint(records: list[Record]) -> str:
+    """sha256 over the canonical JSON of every record's (id, data), in order."""
+    h = hashlib.sha256()
+    for r in records:
+        h.update(json.dumps([r.id, r.data], sort_keys=True, ensure_ascii=False, separators=(",", ":"),
+                            default=str).encode("utf-8") + b"\n")
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of everything that decides token ids here: vocabulary, merges, normalizer, pre-tokenizer and
+    post-processor (the fast backend's JSON), chat template, bos/eos/pad tokens and padding/truncation side."""
+    if getattr(tokenizer, "is_fast", False):
+        backend = tokenizer.backend_tokenizer.to_str()
+    else:
+        backend = json.dumps(sorted(tokenizer.get_vocab().items()))
+    state = {"backend": backend, "chat_template": tokenizer.chat_template,
+             "special": [str(tokenizer.bos_token), str(tokenizer.eos_token), str(tokenizer.pad_token)],
+             "sides": [tokenizer.padding_side, tokenizer.truncation_side]}
+    return hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ collation
+
+class PairDataset(torch.utils.data.Dataset):
+    """A map-style dataset over tokenized pairs, for a `DataLoader` with `collate_fn=collate_concat`."""
+
+    def __init__(self, examples: list[Example]):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> Example:
+        return self.examples[index]
+
+
+def collate_concat(examples: list[Example], pad_token_id: int, pad_to_multiple_of: int | None = None
+                   ) -> dict[str, torch.Tensor]:
+    """Pads B pairs into one batch of 2B right-padded rows (TRL's `DataCollatorForPreference` layout).
+
+    Returns:
+        input_ids, attention_mask, completion_mask: [2B, T] long; rows 0..B-1 are prompt+chosen and rows
+        B..2B-1 prompt+rejected; completion_mask is 1 exactly on completion tokens.
+        ids: [B] long, the examples' ids.
+    """
+    rows = [(e.prompt_ids, e.chosen_ids) for e in examples] + [(e.prompt_ids, e.rejected_ids) for e in examples]
+    width = max(len(p) + len(c) for p, c in rows)
+    if pad_to_multiple_of:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    completion_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (p, c) in enumerate(rows):
+        input_ids[i, : len(p) + len(c)] = torch.tensor(p + c, dtype=torch.long)
+        attention_mask[i, : len(p) + len(c)] = 1
+        completion_mask[i, len(p): len(p) + len(c)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask,
+            "ids": torch.tensor([e.id for e in examples], dtype=torch.long)}

@@ -1,0 +1,402 @@
+"""Preference losses as pure functions of per-sequence log-probs.
+
+Each loss TRL's ``DPOTrainer`` offers is one small function in the ``LOSSES`` registry, mapping a
+:class:`LossInputs` of ``(B,)`` tensors to the ``(B,)`` per-pair loss. :func:`dpo_loss` builds the inputs
+once (f-divergence scores included), applies optional WPO weights, sums the requested losses with their
+weights and returns ``(losses, chosen_rewards, rejected_rewards)``; the caller reduces (``losses.mean()``
+is TRL's scalar loss). The formulas follow TRL 1.16 ``DPOTrainer._compute_loss``; ``tests/test_losses.py``
+checks them against it in float64. Deliberate differences, each repeated where it applies:
+
+- ``sigmoid`` honours ``label_smoothing`` (conservative DPO); TRL ignores it there.
+- Errors instead of nan or warnings: ``robust`` needs label_smoothing in [0, 0.5) (TRL warns),
+  ``exo_pair`` in (0, 1) (TRL rejects only 0), ``beta`` must be > 0.
+- ``alpha_divergence`` works in float64 (TRL raises ``KeyError``); ``sft`` works with WPO (TRL raises).
+- ``exo_pair`` takes ``log(epsilon)`` in double precision (TRL: float32, ~1e-7 relative apart).
+
+LD-DPO (``ld_alpha``, arXiv 2409.06411) is not here: it down-weights the completion tokens beyond the
+shorter completion of a pair in the log-probs themselves (policy and reference alike), so it lives in
+``dpo_core/logps.py``, and the log-probs passed here already include it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class LossInputs:
+    """Everything a loss may read; every tensor is ``(B,)`` (one entry per preference pair).
+
+    ``*_logratios`` are ``policy - reference`` log-probs; ``*_scores`` are the same after the f-divergence
+    (equal to the log-ratios for ``reverse_kl``). ``*_lengths`` count completion tokens (may be 0) and
+    ``chosen_nll`` is ``-sum log p`` over the chosen completion; they are ``None`` when not given.
+    """
+
+    policy_chosen_logps: Tensor
+    policy_rejected_logps: Tensor
+    ref_chosen_logps: Tensor
+    ref_rejected_logps: Tensor
+    chosen_logratios: Tensor
+    rejected_logratios: Tensor
+    chosen_scores: Tensor
+    rejected_scores: Tensor
+    beta: float
+    label_smoothing: float
+    discopop_tau: float
+    chosen_lengths: Tensor | None = None
+    rejected_lengths: Tensor | None = None
+    chosen_nll: Tensor | None = None
+
+    @property
+    def delta_score(self) -> Tensor:
+        """``chosen_scores - rejected_scores``: the implicit reward margin divided by beta, ``(B,)``."""
+        return self.chosen_scores - self.rejected_scores
+
+
+# ---------------------------------------------------------------------------------------------------------
+# f-divergences (f-DPO, arXiv 2309.16240, Table 1): the score is f'(pi/pi_ref) written in the log-ratio.
+# ``alpha`` is read only by alpha_divergence.
+
+
+def _reverse_kl(logratios: Tensor, alpha: float) -> Tensor:
+    return logratios  # f'(t) = log t + 1; the constant cancels in the chosen - rejected difference
+
+
+def _forward_kl(logratios: Tensor, alpha: float) -> Tensor:
+    return 1 - torch.exp(-logratios)  # f'(t) = 1 - 1/t (shifted by a constant, like TRL)
+
+
+def _js_divergence(logratios: Tensor, alpha: float) -> Tensor:
+    return math.log(2) + F.logsigmoid(logratios)  # f'(t) = log(2t / (t + 1))
+
+
+# exp() must stay finite after casting back to the input dtype. TRL's values; float64 is ours (exp(709) < max).
+_ALPHA_CLAMP_MAX = {torch.float16: 11.0, torch.bfloat16: 80.0, torch.float32: 80.0, torch.float64: 700.0}
+
+
+def _alpha_divergence(logratios: Tensor, alpha: float) -> Tensor:
+    # f'(t) = (t^(alpha-1) - 1) / (alpha - 1); its alpha -> 1 limit is log t, i.e. reverse KL.
+    if abs(alpha - 1.0) < 1e-6:
+        return logratios
+    dtype = logratios.dtype
+    # Like TRL, half precision is computed in float32; float64 keeps its precision (TRL raises KeyError).
+    t = ((alpha - 1.0) * logratios).to(torch.float64 if dtype == torch.float64 else torch.float32)
+    return (torch.exp(t.clamp(max=_ALPHA_CLAMP_MAX[dtype])) - 1.0).to(dtype) * (1.0 / (alpha - 1.0))
+
+
+F_DIVERGENCES: dict[str, Callable[[Tensor, float], Tensor]] = {
+    "reverse_kl": _reverse_kl, "forward_kl": _forward_kl,
+    "js_divergence": _js_divergence, "alpha_divergence": _alpha_divergence,
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The registry. A loss declares the optional inputs it needs, whether it is defined on f-divergence scores
+# (TRL's list: the reparameterisation's log Z(x) only cancels in the chosen - rejected score difference)
+# and whether WPO weights make sense for it (not for the losses that sort the batch).
+
+
+class _LossSpec(NamedTuple):
+    requires: tuple[str, ...]
+    f_divergence: bool
+    wpo: bool
+
+
+LOSSES: dict[str, Callable[[LossInputs], Tensor]] = {}
+_SPECS: dict[str, _LossSpec] = {}
+
+
+def register(name: str, *, requires: tuple[str, ...] = (), f_divergence: bool = False, wpo: bool = True):
+    """Decorator adding ``fn(inputs: LossInputs) -> (B,) Tensor`` to ``LOSSES`` under ``name``."""
+
+    def decorator(fn: Callable[[LossInputs], Tensor]) -> Callable[[LossInputs], Tensor]:
+        if name in LOSSES:
+            raise ValueError(f"loss {name!r} is already registered")
+        LOSSES[name] = fn
+        _SPECS[name] = _LossSpec(tuple(requires), f_divergence, wpo)
+        return fn
+
+    return decorator
+
+
+def _per_token(scores: Tensor, lengths: Tensor) -> Tensor:
+    """Average a summed score over the completion tokens; like TRL, an empty completion counts as one."""
+    return scores / lengths.clamp(min=1)
+
+
+def _smoothed_logistic(logits: Tensor, label_smoothing: float) -> Tensor:
+    """``-(1 - ls) log sigma(z) - ls log sigma(-z)``: logistic loss whose label is flipped with prob. ``ls``."""
+    return -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+
+
+@register("sigmoid", f_divergence=True)
+def sigmoid_loss(x: LossInputs) -> Tensor:
+    """DPO, arXiv 2305.18290 Eq. 7, with conservative-DPO (cDPO, Mitchell 2023) label smoothing, ``(B,)``.
+
+    ``-(1 - ls) log sigma(beta d) - ls log sigma(-beta d)``, ``d = delta_score``, as in the original DPO
+    repo's ``preference_loss``. TRL 1.16 ignores ``label_smoothing`` here; at 0 the two are identical.
+    """
+    return _smoothed_logistic(x.beta * x.delta_score, x.label_smoothing)
+
+
+@register("hinge", f_divergence=True)
+def hinge_loss(x: LossInputs) -> Tensor:
+    """SLiC-HF calibration loss, arXiv 2305.10425 Sec. 2, on reference-normalised scores (as in RSO,
+    arXiv 2309.06657): ``relu(1 - beta d)``, i.e. margin ``1/beta`` on ``d = delta_score``, ``(B,)``.
+    """
+    return torch.relu(1 - x.beta * x.delta_score)
+
+
+@register("ipo", requires=("chosen_lengths", "rejected_lengths"), f_divergence=True)
+def ipo_loss(x: LossInputs) -> Tensor:
+    """IPO, arXiv 2310.12036 Eq. 17 (beta is tau): ``(h - 1/(2 beta))^2``, ``(B,)``, where ``h`` is the
+    margin of per-token averaged scores (TRL's normalisation, confirmed with the IPO authors).
+    """
+    h = _per_token(x.chosen_scores, x.chosen_lengths) - _per_token(x.rejected_scores, x.rejected_lengths)
+    return (h - 1 / (2 * x.beta)) ** 2
+
+
+@register("exo_pair", f_divergence=True)
+def exo_pair_loss(x: LossInputs) -> Tensor:
+    """EXO-pref, arXiv 2402.00856 Eq. 16 with K = 2: ``KL(q || p)``, ``(B,)``, with ``q = softmax(beta *
+    scores)`` over {chosen, rejected} and ``p = [1 - eps, eps]``, ``eps = label_smoothing`` in (0, 1).
+    TRL computes ``log(eps)`` in float32; we use double precision.
+    """
+    z = x.beta * x.delta_score
+    eps = x.label_smoothing
+    chosen_term = torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps))
+    rejected_term = torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(eps))
+    return chosen_term + rejected_term
+
+
+@register("nca_pair")
+def nca_pair_loss(x: LossInputs) -> Tensor:
+    """Pairwise NCA, arXiv 2402.05369 Sec. 4.1, on rewards ``r = beta * logratio``, ``(B,)``:
+    ``-log sigma(r_c) - 0.5 log sigma(-r_c) - 0.5 log sigma(-r_r)``.
+    """
+    chosen, rejected = x.beta * x.chosen_logratios, x.beta * x.rejected_logratios
+    return -F.logsigmoid(chosen) - 0.5 * F.logsigmoid(-chosen) - 0.5 * F.logsigmoid(-rejected)
+
+
+@register("robust", f_divergence=True)
+def robust_loss(x: LossInputs) -> Tensor:
+    """Robust DPO, arXiv 2403.00409 Sec. 3.1, ``(B,)``: ``(-(1 - ls) log sigma(beta d) + ls log sigma(-beta d))
+    / (1 - 2 ls)``, unbiased under label flips with rate ``ls`` in [0, 0.5) (TRL only warns outside it).
+    """
+    z, ls = x.beta * x.delta_score, x.label_smoothing
+    return (-(1 - ls) * F.logsigmoid(z) + ls * F.logsigmoid(-z)) / (1 - 2 * ls)
+
+
+@register("bco_pair")
+def bco_pair_loss(x: LossInputs) -> Tensor:
+    """Paired BCO, arXiv 2404.04656 Sec. 4, without its running reward shift (as in TRL), ``(B,)``:
+    ``-log sigma(beta r_c) - log sigma(-beta r_r)`` on the log-ratios.
+    """
+    return -F.logsigmoid(x.beta * x.chosen_logratios) - F.logsigmoid(-x.beta * x.rejected_logratios)
+
+
+@register("sppo_hard")
+def sppo_hard_loss(x: LossInputs) -> Tensor:
+    """SPPO, arXiv 2405.00675 Eq. 4.7 with hard probabilities (P = 1 winner, 0 loser), ``(B,)``:
+    ``(r_c - 1/(2 beta))^2 + (r_r + 1/(2 beta))^2`` on the log-ratios.
+    """
+    return (x.chosen_logratios - 0.5 / x.beta) ** 2 + (x.rejected_logratios + 0.5 / x.beta) ** 2
+
+
+@register("aot", wpo=False)
+def aot_loss(x: LossInputs) -> Tensor:
+    """AOT (paired), arXiv 2406.05882 Sec. 3, ``(B,)``: the label-smoothed logistic loss of ``beta * delta``,
+    ``delta_i = sort(pi_c - pi_r)_i - sort(ref_c - ref_r)_i``. Entry ``i`` is the i-th quantile, not pair
+    ``i``: only the batch mean is meaningful (hence no WPO).
+    """
+    policy_margins, _ = torch.sort(x.policy_chosen_logps - x.policy_rejected_logps, dim=0)
+    ref_margins, _ = torch.sort(x.ref_chosen_logps - x.ref_rejected_logps, dim=0)
+    return _smoothed_logistic(x.beta * (policy_margins - ref_margins), x.label_smoothing)
+
+
+@register("aot_unpaired", wpo=False)
+def aot_unpaired_loss(x: LossInputs) -> Tensor:
+    """AOT (unpaired), arXiv 2406.05882 Sec. 3: ``aot`` with ``delta_i = sort(r_c)_i - sort(r_r)_i``, ``(B,)``."""
+    chosen, _ = torch.sort(x.chosen_logratios, dim=0)
+    rejected, _ = torch.sort(x.rejected_logratios, dim=0)
+    return _smoothed_logistic(x.beta * (chosen - rejected), x.label_smoothing)
+
+
+@register("apo_zero")
+def apo_zero_loss(x: LossInputs) -> Tensor:
+    """APO-zero, arXiv 2408.06266 Eq. 7: ``1 - sigma(beta r_c) + sigma(beta r_r)``, ``(B,)``. For chosen
+    answers better than the model's own: raise chosen, lower rejected likelihood.
+    """
+    return 1 - torch.sigmoid(x.beta * x.chosen_logratios) + torch.sigmoid(x.beta * x.rejected_logratios)
+
+
+@register("apo_down")
+def apo_down_loss(x: LossInputs) -> Tensor:
+    """APO-down, arXiv 2408.06266 Eq. 8: ``sigma(beta r_c) + 1 - sigma(beta (r_c - r_r))``, ``(B,)``. For
+    chosen answers worse than the model's own: lower both, the rejected one more.
+    """
+    chosen = x.beta * x.chosen_logratios
+    return torch.sigmoid(chosen) + 1 - torch.sigmoid(chosen - x.beta * x.rejected_logratios)
+
+
+@register("discopop", f_divergence=True)
+def discopop_loss(x: LossInputs) -> Tensor:
+    """DiscoPOP (log-ratio modulated loss), arXiv 2406.08414 Eq. 5, ``(B,)``: with ``z = beta d`` and
+    ``m = sigma(z / tau)``, ``(1 - m) * (-log sigma(z)) + m * exp(-z)``.
+    """
+    z = x.beta * x.delta_score
+    modulation = torch.sigmoid(z / x.discopop_tau)
+    return -F.logsigmoid(z) * (1 - modulation) + torch.exp(-z) * modulation
+
+
+@register("sft", requires=("chosen_nll", "chosen_lengths"), f_divergence=True)
+def sft_loss(x: LossInputs) -> Tensor:
+    """NLL of the chosen completions, the SFT term of RPO (arXiv 2404.19733 Sec. 2) and MPO (2411.10442).
+
+    Token-averaged over the batch like TRL, ``sum(chosen_nll) / sum(chosen_lengths)``, repeated as ``(B,)``.
+    TRL gives nan for a batch without chosen tokens; we divide by at least 1.
+    """
+    # A materialised (B,) tensor, not an expand() view: TRL's in-place WPO multiply fails on the view.
+    return (x.chosen_nll.sum() / x.chosen_lengths.sum().clamp(min=1)) * torch.ones_like(x.chosen_nll)
+
+
+@register("sigmoid_norm", requires=("chosen_lengths", "rejected_lengths"), f_divergence=True)
+def sigmoid_norm_loss(x: LossInputs) -> Tensor:
+    """Length-normalised DPO: DPO (arXiv 2305.18290 Eq. 7) on per-token averaged scores, the averaging of
+    SimPO's reward (arXiv 2405.14734 Sec. 2) but keeping the reference: ``-log sigma(beta (s_c/|y_c| -
+    s_r/|y_r|))``, ``(B,)``.
+    """
+    margin = _per_token(x.chosen_scores, x.chosen_lengths) - _per_token(x.rejected_scores, x.rejected_lengths)
+    return -F.logsigmoid(x.beta * margin)
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _validate(loss_types: list[str], weights: list[float], tensors: dict[str, Tensor | None], beta: float,
+              label_smoothing: float, f_divergence_type: str) -> None:
+    """Raise ``ValueError`` for any combination TRL rejects, or that would give nan or a wrong shape."""
+    if not loss_types or len(weights) != len(loss_types):
+        raise ValueError(f"loss_weights has {len(weights)} entries for {len(loss_types)} loss types {loss_types}; "
+                         "give at least one loss_type and one weight per loss_type")
+    if f_divergence_type not in F_DIVERGENCES:
+        raise ValueError(f"unknown f_divergence_type {f_divergence_type!r}; valid: {sorted(F_DIVERGENCES)}")
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    use_wpo = tensors["chosen_wpo_log_weights"] is not None or tensors["rejected_wpo_log_weights"] is not None
+    for name in loss_types:
+        if name not in LOSSES:
+            raise ValueError(f"unknown loss_type {name!r}; valid: {sorted(LOSSES)}")
+        spec = _SPECS[name]
+        missing = [arg for arg in spec.requires if tensors[arg] is None]
+        if missing:
+            raise ValueError(f"loss_type {name!r} needs {', '.join(missing)}")
+        if f_divergence_type != "reverse_kl" and not spec.f_divergence:
+            raise ValueError(f"loss_type {name!r} does not support f_divergence_type {f_divergence_type!r}; "
+                             f"only {sorted(n for n, s in _SPECS.items() if s.f_divergence)} do")
+        if use_wpo and not spec.wpo:
+            raise ValueError(f"WPO weights are not supported for loss_type {name!r}: it sorts the batch")
+    if "robust" in loss_types and not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"'robust' needs label_smoothing (the flip rate) in [0, 0.5), got {label_smoothing}")
+    if "exo_pair" in loss_types and not 0.0 < label_smoothing < 1.0:
+        # log(eps) and log(1 - eps) must be finite; the EXO paper recommends eps = 1e-3.
+        raise ValueError(f"'exo_pair' needs label_smoothing (epsilon) in (0, 1), got {label_smoothing}; try 1e-3")
+    if tensors["ref_chosen_logps"] is None or tensors["ref_rejected_logps"] is None:
+        raise ValueError("ref_chosen_logps and ref_rejected_logps are required unless reference_free=True")
+    if use_wpo and (tensors["chosen_wpo_log_weights"] is None or tensors["rejected_wpo_log_weights"] is None):
+        raise ValueError("WPO needs both chosen_wpo_log_weights and rejected_wpo_log_weights")
+    shape = tensors["policy_chosen_logps"].shape
+    for arg, value in tensors.items():
+        if value is not None and (value.dim() != 1 or value.shape != shape):
+            raise ValueError(f"{arg} has shape {tuple(value.shape)}; every input must be (B,) with the same B")
+
+
+def dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor | None,
+    ref_rejected_logps: Tensor | None,
+    *,
+    loss_type: str | Sequence[str] = "sigmoid",
+    loss_weights: Sequence[float] | None = None,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    reference_free: bool = False,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+    discopop_tau: float = 0.05,
+    chosen_lengths: Tensor | None = None,
+    rejected_lengths: Tensor | None = None,
+    chosen_nll: Tensor | None = None,
+    chosen_wpo_log_weights: Tensor | None = None,
+    rejected_wpo_log_weights: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-pair preference loss: ``sum_k w_k * LOSSES[loss_type[k]]``, plus the implicit rewards.
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps: ``(B,)`` summed completion log-probs of the policy.
+        ref_chosen_logps, ref_rejected_logps: ``(B,)`` the same under the reference (ignored, may be None,
+            when ``reference_free``: the reference log-probs are then zero).
+        loss_type: a name in ``LOSSES`` or a list of them; ``loss_weights`` (default all 1.0) weights each.
+        beta: inverse temperature (IPO's tau); label_smoothing: cDPO/rDPO flip rate, EXO's epsilon.
+        f_divergence_type, f_alpha_divergence_coef: f-DPO regulariser, see ``F_DIVERGENCES``.
+        discopop_tau: DiscoPOP temperature.
+        chosen_lengths, rejected_lengths: ``(B,)`` completion token counts (``ipo``, ``sigmoid_norm``, ``sft``).
+        chosen_nll: ``(B,)`` ``-sum log p`` over the chosen completion tokens (``sft``).
+        chosen_wpo_log_weights, rejected_wpo_log_weights: ``(B,)`` WPO log-weights (arXiv 2406.11827
+            Eq. 2), the per-sequence mean of ``log p_t - logsumexp_v(2 log p_v)`` over completion tokens;
+            when given, every loss is multiplied by ``exp(chosen + rejected)``, detached.
+
+    Returns:
+        ``(losses, chosen_rewards, rejected_rewards)``, each ``(B,)``; ``losses.mean()`` is TRL's loss and
+        the rewards ``beta * (policy - reference)`` are detached.
+    """
+    loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    weights = [1.0] * len(loss_types) if loss_weights is None else list(loss_weights)
+    if reference_free:
+        ref_chosen_logps = torch.zeros_like(policy_chosen_logps)
+        ref_rejected_logps = torch.zeros_like(policy_rejected_logps)
+    tensors = dict(
+        policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps,
+        ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
+        chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, chosen_nll=chosen_nll,
+        chosen_wpo_log_weights=chosen_wpo_log_weights, rejected_wpo_log_weights=rejected_wpo_log_weights,
+    )
+    _validate(loss_types, weights, tensors, beta, label_smoothing, f_divergence_type)
+
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps
+    f_prime = F_DIVERGENCES[f_divergence_type]
+    inputs = LossInputs(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+        chosen_logratios, rejected_logratios,
+        chosen_scores=f_prime(chosen_logratios, f_alpha_divergence_coef),
+        rejected_scores=f_prime(rejected_logratios, f_alpha_divergence_coef),
+        beta=beta, label_smoothing=label_smoothing, discopop_tau=discopop_tau,
+        chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, chosen_nll=chosen_nll,
+    )
+    wpo = 1.0
+    if chosen_wpo_log_weights is not None:  # exp(c) * exp(r) in TRL, computed under no_grad
+        wpo = torch.exp(chosen_wpo_log_weights + rejected_wpo_log_weights).detach()
+    losses = sum(weight * LOSSES[name](inputs) * wpo for name, weight in zip(loss_types, weights))
+    chosen_rewards = beta * chosen_logratios.detach()
+    rejected_rewards = beta * rejected_logratios.detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+def preference_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor) -> dict[str, Tensor]:
+    """Per-pair ``(B,)`` reward metrics under TRL's tag names; gather, then average, in the training loop."""
+    chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
+    return {
+        "rewards/chosen": chosen_rewards,
+        "rewards/rejected": rejected_rewards,
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).to(chosen_rewards.dtype),
+        "rewards/margins": chosen_rewards - rejected_rewards,
+    }
