@@ -7,6 +7,7 @@ relearning. Scripts pick the groups they need (the reference precompute has no o
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import sys
@@ -180,12 +181,19 @@ class TrainArguments:
 _SECRET = re.compile(r"token|secret|password|api_key|apikey|credential", re.IGNORECASE)
 
 
-def parse_config(dataclass_types: tuple, argv: list[str] | None = None, description: str | None = None):
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the scripts' copy-paste launch commands intact and shows every default."""
+
+
+def parse_config(dataclass_types: tuple, argv: list[str] | None = None, description: str | None = None,
+                 yaml_ignore: tuple = ()):
     """Parses `--config FILE.yaml` then the command line (which overrides the YAML) into dataclasses.
 
-    Unknown YAML keys are an error (a typo must not be silently ignored). Returns one instance per type.
+    Unknown YAML keys are an error (a typo must not be silently ignored), except keys of `yaml_ignore`
+    groups: one recipe file serves several scripts (the precompute ignores the optimizer's keys).
+    Returns one instance per type.
     """
-    parser = HfArgumentParser(dataclass_types, description=description)
+    parser = HfArgumentParser(dataclass_types, description=description, formatter_class=_HelpFormatter)
     parser.add_argument("--config", type=str, default=None,
                         help="YAML file of flag values; flags given on the command line override it.")
     argv = sys.argv[1:] if argv is None else argv
@@ -193,10 +201,11 @@ def parse_config(dataclass_types: tuple, argv: list[str] | None = None, descript
     if known.config:
         values = yaml.safe_load(Path(known.config).read_text()) or {}
         valid = {f.name for dc in dataclass_types for f in fields(dc)}
-        unknown = sorted(set(values) - valid)
+        ignored = {f.name for dc in yaml_ignore for f in fields(dc)} - valid
+        unknown = sorted(set(values) - valid - ignored)
         if unknown:
             raise ValueError(f"{known.config}: unknown keys {unknown}")
-        parser.set_defaults(**values)
+        parser.set_defaults(**{k: v for k, v in values.items() if k in valid})
     # The extra --config flag comes back as one trailing argparse Namespace: drop it.
     parsed = parser.parse_args_into_dataclasses(argv)
     return tuple(p for p in parsed if is_dataclass(p))

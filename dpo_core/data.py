@@ -484,22 +484,35 @@ def check_problems(problems: list[Problem], *, on_invalid: str = "error",
 def prepare_examples(dataset_name: str, tokenizer, settings: TokenizeSettings, *, split: str = "train",
                      eval_split: str | None = None, eval_fraction: float = 0.0, seed: int = 0,
                      dataset_config: str | None = None, on_invalid: str = "error",
-                     report_dir: str | Path | None = None) -> dict[str, list[Example]]:
+                     report_path: str | Path | None = None
+                     ) -> tuple[dict[str, list[Record]], dict[str, list[Example]]]:
     """`load_splits` + `tokenize_records` per split + one `check_problems` over all splits.
 
-    The report goes to `report_dir/invalid_records.jsonl`. Returns {"train": examples[, "eval": examples]}.
+    Returns:
+        `(records, examples)`, each `{"train": [...][, "eval": [...]]}`; the records are kept for
+        fingerprinting the data (the reference cache).
     """
-    report_path = Path(report_dir) / "invalid_records.jsonl" if report_dir is not None else None
     _check_on_invalid(on_invalid, report_path)  # fail before the (possibly long) tokenization
-    splits = load_splits(dataset_name, split=split, eval_split=eval_split, eval_fraction=eval_fraction,
-                         seed=seed, dataset_config=dataset_config)
-    out, all_problems = {}, []
-    for name, records in splits.items():
-        out[name], problems = tokenize_records(records, tokenizer, settings)
+    records = load_splits(dataset_name, split=split, eval_split=eval_split, eval_fraction=eval_fraction,
+                          seed=seed, dataset_config=dataset_config)
+    examples, all_problems = {}, []
+    for name, split_records in records.items():
+        examples[name], problems = tokenize_records(split_records, tokenizer, settings)
         all_problems += problems
-        logger.info("%s: %d of %d records tokenized", name, len(out[name]), len(records))
+        logger.info("%s: %d of %d records tokenized", name, len(examples[name]), len(split_records))
     check_problems(all_problems, on_invalid=on_invalid, report_path=report_path)
-    return out
+    return records, examples
+
+
+def prepare_from_args(data_args, tokenizer, *, seed: int, report_path: str | Path | None):
+    """`prepare_examples` from a `DataArguments`: what every script runs, so they tokenize identically."""
+    settings = TokenizeSettings(max_length=data_args.max_length, max_prompt_length=data_args.max_prompt_length,
+                                max_completion_length=data_args.max_completion_length,
+                                truncation_mode=data_args.truncation_mode)
+    return prepare_examples(data_args.dataset_name, tokenizer, settings, split=data_args.dataset_split,
+                            eval_split=data_args.eval_split, eval_fraction=data_args.eval_fraction, seed=seed,
+                            dataset_config=data_args.dataset_config, on_invalid=data_args.on_invalid,
+                            report_path=report_path)
 
 
 # ---------------------------------------------------------------------------------------- fingerprints

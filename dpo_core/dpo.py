@@ -43,8 +43,7 @@ def make_dpo_step(dpo_args, *, forward, ref_model=None):
             chosen_lengths=out.chosen_lengths, rejected_lengths=out.rejected_lengths, chosen_nll=out.chosen_nll,
             chosen_wpo_log_weights=out.chosen_wpo_log_weights,
             rejected_wpo_log_weights=out.rejected_wpo_log_weights)
-        stats = {"loss": losses.detach(), "rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
-                 **preference_metrics(chosen_rewards, rejected_rewards),
+        stats = {"loss": losses.detach(), **preference_metrics(chosen_rewards, rejected_rewards),
                  # TRL's accuracy counts ties (e.g. policy == reference) as wrong; report them apart.
                  "rewards/ties": (chosen_rewards == rejected_rewards).float(),
                  "logps/chosen": out.chosen_logps.detach(), "logps/rejected": out.rejected_logps.detach(),
@@ -90,20 +89,9 @@ def train_dpo(model_args, data_args, dpo_args, train_args) -> dict:
     model, tokenizer = load_model_and_tokenizer(model_args)
     if model_args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    settings = data_lib.TokenizeSettings(max_length=data_args.max_length,
-                                         max_prompt_length=data_args.max_prompt_length,
-                                         max_completion_length=data_args.max_completion_length,
-                                         truncation_mode=data_args.truncation_mode)
     with accelerator.main_process_first():
-        records = data_lib.load_splits(data_args.dataset_name, split=data_args.dataset_split,
-                                       eval_split=data_args.eval_split, eval_fraction=data_args.eval_fraction,
-                                       seed=train_args.seed, dataset_config=data_args.dataset_config)
-        examples, problems = {}, []
-        for split, recs in records.items():
-            examples[split], split_problems = data_lib.tokenize_records(recs, tokenizer, settings)
-            problems += split_problems
-        data_lib.check_problems(problems, on_invalid=data_args.on_invalid,
-                                report_path=output_dir / "invalid_records.jsonl")
+        records, examples = data_lib.prepare_from_args(data_args, tokenizer, seed=train_args.seed,
+                                                       report_path=output_dir / "invalid_records.jsonl")
 
     cache, ref_model = None, None
     if dpo_args.ref_logprobs:
@@ -162,8 +150,15 @@ def train_dpo(model_args, data_args, dpo_args, train_args) -> dict:
 
 
 def format_metrics(metrics: dict) -> str:
-    """One line per metric group, for the console."""
-    lines = [f"{k:28s} {v:.4f}" if isinstance(v, float) else f"{k:28s} {v}" for k, v in metrics.items()]
+    """The final metrics for the console; held-out ones side by side with the start when evaluated there."""
+    lines = [f"{k:26s} {v:.4f}" if isinstance(v, float) else f"{k:26s} {v}" for k, v in metrics.items()
+             if not k.startswith("eval_")]
+    evals = sorted(k[len("eval_"):] for k in metrics if k.startswith("eval_") and not k.startswith("eval_start_"))
+    if evals:
+        lines += ["", f"{'held-out':26s} {'start':>10s} {'end':>10s}"]
+        for key in evals:
+            start = metrics.get(f"eval_start_{key}")
+            lines.append(f"{key:26s} {'' if start is None else f'{start:10.4f}':>10s} {metrics[f'eval_{key}']:10.4f}")
     return "\n".join(lines)
 
 

@@ -52,16 +52,19 @@ class TrainState:
             setattr(self, key, value)
 
 
+def make_accelerator(**kwargs) -> Accelerator:
+    """An Accelerator that really connects several CPU processes (gloo) when no GPU is present."""
+    return Accelerator(cpu=_cpu_only(), kwargs_handlers=process_group_kwargs(), **kwargs)
+
+
 def build_accelerator(train_args, *, log: bool = True) -> Accelerator:
-    """The run's Accelerator: TensorBoard under `output_dir/logs`, a seedable sampler for exact resume."""
-    return Accelerator(
-        cpu=_cpu_only(),
+    """The training run's Accelerator: TensorBoard under `output_dir/logs`, a seedable sampler for exact resume."""
+    return make_accelerator(
         gradient_accumulation_steps=train_args.gradient_accumulation_steps,
         log_with="tensorboard" if log and train_args.report_to == "tensorboard" else None,
         project_config=ProjectConfiguration(project_dir=train_args.output_dir,
                                             logging_dir=os.path.join(train_args.output_dir, "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=train_args.seed),
-        kwargs_handlers=process_group_kwargs(),
     )
 
 
@@ -196,9 +199,10 @@ def train_loop(accelerator: Accelerator, model, optimizer, scheduler, train_load
     bad = torch.zeros((), device=accelerator.device)
     bar = tqdm(total=max_steps, initial=state.global_step, disable=not accelerator.is_local_main_process,
                desc="train", dynamic_ncols=True)
+    start_metrics: dict[str, float] = {}
     if eval_loader is not None and train_args.eval_on_start and state.global_step == 0:
-        eval_metrics = evaluate(accelerator, model, eval_loader, step_fn)
-        accelerator.log({f"eval/{k}": v for k, v in eval_metrics.items()}, step=0)
+        start_metrics = evaluate(accelerator, model, eval_loader, step_fn)
+        accelerator.log({f"eval/{k}": v for k, v in start_metrics.items()}, step=0)
     model.train()
     while state.global_step < max_steps:
         train_loader.set_epoch(state.epoch)
@@ -226,11 +230,11 @@ def train_loop(accelerator: Accelerator, model, optimizer, scheduler, train_load
                 state.consecutive_nonfinite += 1
                 logger.warning(f"step {state.global_step + 1}: non-finite loss or gradient norm, update skipped "
                                f"({state.skipped_steps} skipped so far)")
-            else:
+            else:  # a skipped step changes nothing: weights, optimizer moments and schedule stay put
                 optimizer.step()
+                scheduler.step()
                 state.consecutive_nonfinite = 0
             optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
             bad.zero_()
             state.global_step += 1
             bar.update(1)
@@ -268,6 +272,7 @@ def train_loop(accelerator: Accelerator, model, optimizer, scheduler, train_load
         eval_metrics = evaluate(accelerator, model, eval_loader, step_fn)
         accelerator.log({f"eval/{k}": v for k, v in eval_metrics.items()}, step=state.global_step)
     return {**{f"train_{k}": v for k, v in logs.items()}, **{f"eval_{k}": v for k, v in eval_metrics.items()},
+            **{f"eval_start_{k}": v for k, v in start_metrics.items()},
             "global_step": state.global_step, "skipped_steps": state.skipped_steps}
 
 

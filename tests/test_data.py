@@ -233,7 +233,8 @@ def _run_both_modes(path, tok, tmp_path, expected, good_ids):
         D.prepare_examples(str(path), tok, NO_LIMIT)
     _check_reported(str(info.value), path, expected)
     assert info.value.counts["records"] == len(expected)
-    out = D.prepare_examples(str(path), tok, NO_LIMIT, on_invalid="skip", report_dir=tmp_path / "run")
+    _, out = D.prepare_examples(str(path), tok, NO_LIMIT, on_invalid="skip",
+                                report_path=tmp_path / "run" / "invalid_records.jsonl")
     report = [json.loads(line) for line in (tmp_path / "run/invalid_records.jsonl").read_text().splitlines()]
     assert [(r["source"], r["location"], r["field"]) for r in report] == [(str(path), loc, f) for loc, f in expected]
     assert [e.id for e in out["train"]] == good_ids

@@ -139,3 +139,22 @@ def test_bad_records_are_listed_by_the_script(tiny_model_dir, tmp_path):
     run_script("dpo.py", dpo_args(tiny_model_dir, bad, tmp_path / "skip", "--max_steps", "1", "--on_invalid", "skip"))
     report = [json.loads(x) for x in (tmp_path / "skip" / "invalid_records.jsonl").read_text().splitlines()]
     assert {r["location"] for r in report} == {f"line {i}" for i in range(2, 8)}
+
+
+@pytest.mark.slow
+def test_cached_reference_gives_the_online_reference_losses_and_rewards(tiny_model_dir, data_dir, tmp_path):
+    """The precompute (its own batch size and order) then --ref_logprobs == a frozen reference model."""
+    common = ["--eval_split", "test", "--max_length", "64"]
+    run_script("precompute_ref_logprobs.py", ["--model_name_or_path", str(tiny_model_dir), "--dataset_name",
+                                              str(data_dir), "--output_dir", str(tmp_path / "cache"),
+                                              "--per_device_batch_size", "7", "--seed", "3", *common])
+    args = ["--max_steps", "5", "--per_device_train_batch_size", "4", "--eval_steps", "5", "--eval_split", "test"]
+    run_script("dpo.py", dpo_args(tiny_model_dir, data_dir, tmp_path / "online", *args))
+    run_script("dpo.py", dpo_args(tiny_model_dir, data_dir, tmp_path / "cached", *args,
+                                  "--ref_logprobs", str(tmp_path / "cache")))
+    online, cached = read_scalars(tmp_path / "online" / "logs"), read_scalars(tmp_path / "cached" / "logs")
+    for tag in ("train/loss", "train/rewards/chosen", "train/rewards/rejected", "train/rewards/margins",
+                "eval/loss", "eval/rewards/chosen", "eval/rewards/rejected"):
+        assert online[tag].keys() == cached[tag].keys(), tag
+        for step, value in online[tag].items():
+            assert cached[tag][step] == pytest.approx(value, abs=1e-5), (tag, step)
