@@ -21,7 +21,7 @@ from .config import save_config
 from .logps import FORWARDS
 from .losses import dpo_loss, preference_metrics
 from .modeling import load_model, load_model_and_tokenizer
-from .training import TrainState, build_accelerator, resolve_resume, total_steps, train_loop
+from .training import TrainState, build_accelerator, load_checkpoint, resolve_resume, total_steps, train_loop
 
 
 def make_dpo_step(dpo_args, *, forward, ref_model=None):
@@ -123,17 +123,17 @@ def train_dpo(model_args, data_args, dpo_args, train_args) -> dict:
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
     if ref_model is not None:
-        ref_model = accelerator.prepare_model(ref_model, evaluation_mode=True)
+        # Frozen and never wrapped: not prepared, so checkpoints do not carry a second copy of the weights.
+        ref_model = ref_model.to(accelerator.device)
 
     max_steps = total_steps(train_args, len(train_loader))
     warmup = train_args.warmup_steps or math.ceil(train_args.warmup_ratio * max_steps)
     scheduler = get_scheduler(train_args.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
                               num_training_steps=max_steps)
     state = TrainState()
-    accelerator.register_for_checkpointing(scheduler, state)
     resume = resolve_resume(output_dir, train_args.resume_from_checkpoint)
     if resume is not None:
-        accelerator.load_state(str(resume))
+        load_checkpoint(accelerator, resume, scheduler=scheduler, state=state)
         accelerator.print(f"Resumed from {resume} at step {state.global_step}")
     # purge_step: after a resume, TensorBoard discards events logged past the checkpoint (no duplicate steps).
     accelerator.init_trackers("tensorboard", config=_hparams(model_args, data_args, dpo_args, train_args),

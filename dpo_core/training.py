@@ -122,8 +122,16 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, limit: int | None) -> Path:
-    """`save_state` into a temporary directory, then rename and mark complete; rotate old ones after."""
+TRAINER_STATE = "trainer_state.json"
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, limit: int | None, *,
+                    scheduler, state: TrainState) -> Path:
+    """`save_state` into a temporary directory, then rename and mark complete; rotate old ones after.
+
+    The loop's own state (data position, counters) and the scheduler go to JSON, not through
+    `register_for_checkpointing`, whose objects accelerate reloads with an unrestricted pickle.
+    """
     final = checkpoint_dir(output_dir) / f"checkpoint-{step}"
     tmp = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process and tmp.exists():
@@ -132,6 +140,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        trainer_state = {"train_state": state.state_dict(), "scheduler": scheduler.state_dict()}
+        (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -142,6 +152,14 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def load_checkpoint(accelerator: Accelerator, path: str | Path, *, scheduler, state: TrainState) -> None:
+    """Model, optimizer, RNG and sampler through accelerate (restricted unpickling); the rest from JSON."""
+    accelerator.load_state(str(path))
+    trainer_state = json.loads((Path(path) / TRAINER_STATE).read_text())
+    state.load_state_dict(trainer_state["train_state"])
+    scheduler.load_state_dict(trainer_state["scheduler"])
 
 
 def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
@@ -261,7 +279,8 @@ def train_loop(accelerator: Accelerator, model, optimizer, scheduler, train_load
                 eval_metrics = evaluate(accelerator, model, eval_loader, step_fn)
                 accelerator.log({f"eval/{k}": v for k, v in eval_metrics.items()}, step=step)
             if train_args.save_steps and step % train_args.save_steps == 0:
-                save_checkpoint(accelerator, train_args.output_dir, step, train_args.save_total_limit)
+                save_checkpoint(accelerator, train_args.output_dir, step, train_args.save_total_limit,
+                                scheduler=scheduler, state=state)
             if step >= max_steps:
                 break
         else:  # the epoch ran out before max_steps

@@ -1,0 +1,244 @@
+"""Raw preference records: reading files, folders and hub datasets row by row, and reporting bad rows.
+
+Every row keeps where it came from (file and line, or split and row) so that a problem found later,
+while validating or tokenizing, names the file, the record and the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+EXTENSIONS = (".jsonl", ".json", ".parquet")
+MAX_LISTED_PROBLEMS = 50
+
+
+@dataclass
+class Record:
+    """One raw row. A row that could not be parsed has `data=None` and `error` set."""
+
+    id: int            # row index in its split: stable, and kept by a carved eval split
+    source: str        # file path, or "hub:<name>[<config>]/<split>"
+    location: str      # "line 12" (jsonl, 1-based) or "row 12" (json array / parquet / hub, 0-based)
+    data: dict | None
+    error: str | None = None
+
+
+@dataclass
+class Problem:
+    """One reason a record cannot be used."""
+
+    source: str
+    location: str
+    field: str         # "prompt" | "chosen" | "rejected" | "json" | "chat_template" | "tools" | ...
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.source}, {self.location}, field '{self.field}': {self.reason}"
+
+
+def problem_counts(problems: list[Problem]) -> dict[str, Any]:
+    """{"records": bad records, "problems": total, "by_field": {field: count}} (a record may have several)."""
+    return {"records": len({(p.source, p.location) for p in problems}), "problems": len(problems),
+            "by_field": dict(Counter(p.field for p in problems).most_common())}
+
+
+class DataValidationError(ValueError):
+    """Raised with every problem found (the message lists the first 50); `.problems` holds them all."""
+
+    def __init__(self, problems: list[Problem], report_path: str | Path | None = None):
+        self.problems, self.counts = problems, problem_counts(problems)
+        lines = [f"{self.counts['records']} invalid record(s), {len(problems)} problem(s) "
+                 f"(by field: {self.counts['by_field']}):"]
+        lines += [f"  {p}" for p in problems[:MAX_LISTED_PROBLEMS]]
+        if len(problems) > MAX_LISTED_PROBLEMS:
+            lines.append(f"  ... and {len(problems) - MAX_LISTED_PROBLEMS} more")
+        if report_path is not None:
+            lines.append(f"All of them are listed in {report_path}.")
+        lines.append("Fix the data, or pass on_invalid='skip' to drop these records with a report.")
+        super().__init__("\n".join(lines))
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+def _read_jsonl(path: Path, start_id: int = 0) -> list[Record]:
+    # Parsed line by line (not with `datasets`) so that a malformed line is reported with its number.
+    records = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            data, error = None, None
+            try:
+                data = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                error = f"not valid UTF-8 ({e.reason} at byte {e.start})"
+            except json.JSONDecodeError as e:
+                error = f"malformed JSON: {e.msg} (column {e.colno})"
+            if error is None and not isinstance(data, dict):
+                data, error = None, f"record is not a JSON object (got {type(data).__name__})"
+            records.append(Record(start_id + len(records), str(path), f"line {lineno}", data, error))
+    return records
+
+
+def _rows_to_records(rows, source: str, start_id: int = 0) -> list[Record]:
+    return [Record(start_id + i, source, f"row {i}", row, None) if isinstance(row, dict) else
+            Record(start_id + i, source, f"row {i}", None, f"record is not a JSON object (got {type(row).__name__})")
+            for i, row in enumerate(rows)]
+
+
+def _read_json(path: Path, start_id: int = 0) -> list[Record]:
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):  # a JSON array: one syntax error makes the whole file unreadable
+        try:
+            return _rows_to_records(json.loads(text), str(path), start_id)
+        except json.JSONDecodeError as e:
+            return [Record(start_id, str(path), f"line {e.lineno}", None, f"malformed JSON array: {e.msg}")]
+    try:  # {"data": [...]}, as `datasets` reads with field="data"
+        whole = json.loads(text)
+        if isinstance(whole, dict) and isinstance(whole.get("data"), list):
+            return _rows_to_records(whole["data"], str(path), start_id)
+    except json.JSONDecodeError:
+        pass
+    return _read_jsonl(path, start_id)  # JSON lines with a .json name, as `datasets` accepts
+
+
+def _read_file(path: Path, start_id: int = 0) -> list[Record]:
+    if path.suffix == ".jsonl":
+        return _read_jsonl(path, start_id)
+    if path.suffix == ".json":
+        return _read_json(path, start_id)
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+        return _rows_to_records(pq.read_table(path).to_pylist(), str(path), start_id)
+    raise ValueError(f"{path}: unsupported file type (expected one of {', '.join(EXTENSIONS)})")
+
+
+def _split_files(folder: Path) -> dict[str, list[Path]]:
+    """Data files of a folder by split, named `<split>.<ext>` or `<split>-*.<ext>` (also under `data/`)."""
+    splits: dict[str, list[Path]] = {}
+    for path in sorted([*folder.glob("*"), *folder.glob("data/*")]):
+        if path.is_file() and path.suffix in EXTENSIONS:
+            splits.setdefault(path.name[: -len(path.suffix)].split("-")[0], []).append(path)
+    return splits
+
+
+def _load_split(dataset_name: str, split: str, dataset_config: str | None) -> list[Record]:
+    path = Path(dataset_name).expanduser()
+    if path.is_file():
+        return _read_file(path)
+    if path.is_dir():
+        splits = _split_files(path)
+        if split not in splits:
+            raise ValueError(f"{path}: no files for split {split!r} (expected {split}.jsonl/.json/.parquet or "
+                             f"{split}-*.<ext>); available splits: {sorted(splits) or 'none'}")
+        records: list[Record] = []
+        for file in splits[split]:  # shards: ids continue across files, in name order
+            records += _read_file(file, start_id=len(records))
+        return records
+    if path.suffix in EXTENSIONS or dataset_name.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{dataset_name}: no such file or directory")
+    import datasets
+
+    # The split is part of the source: "row 3" alone would not say whether of train or of test.
+    source = f"hub:{dataset_name}" + (f"[{dataset_config}]" if dataset_config else "") + f"/{split}"
+    return _rows_to_records(datasets.load_dataset(dataset_name, dataset_config, split=split), source)
+
+
+def load_splits(dataset_name: str, *, split: str = "train", eval_split: str | None = None,
+                eval_fraction: float = 0.0, seed: int = 0, dataset_config: str | None = None
+                ) -> dict[str, list[Record]]:
+    """Reads raw records from a .jsonl/.json/.parquet file, a folder of split files, or a hub dataset.
+
+    Args:
+        dataset_name: a file (it is the `split`), a folder (`<split>.<ext>` / `<split>-*.<ext>`), or a hub name.
+        split: the training split.
+        eval_split: a named split to evaluate on (folder or hub only).
+        eval_fraction: 0 < f < 1 carves a seeded random held-out subset out of `split`; ids are kept.
+        seed: seed of that carve-out.
+        dataset_config: hub config name.
+
+    Returns:
+        {"train": records, "eval": records}; "eval" is absent when neither eval option is given.
+    """
+    if not 0.0 <= eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    if eval_split is not None and eval_fraction > 0:
+        raise ValueError("give either eval_split or eval_fraction, not both")
+    if eval_split is not None and Path(dataset_name).expanduser().is_file():
+        raise ValueError(f"{dataset_name} is a single file, i.e. one split: use eval_fraction, or a folder "
+                         f"holding {split}.<ext> and {eval_split}.<ext>")
+    records = _load_split(dataset_name, split, dataset_config)
+    if eval_split is not None:
+        return {"train": records, "eval": _load_split(dataset_name, eval_split, dataset_config)}
+    if eval_fraction == 0:
+        return {"train": records}
+    n_eval = max(1, round(eval_fraction * len(records)))
+    if n_eval >= len(records):
+        raise ValueError(f"eval_fraction={eval_fraction} leaves no training records out of {len(records)}")
+    held_out = set(random.Random(seed).sample(range(len(records)), n_eval))
+    return {"train": [r for i, r in enumerate(records) if i not in held_out],
+            "eval": [r for i, r in enumerate(records) if i in held_out]}
+
+
+# ---------------------------------------------------------------------------------------- reporting
+
+def _write_report(problems: list[Problem], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.",
+                                     delete=False) as f:
+        for p in problems:
+            f.write(json.dumps({"source": p.source, "location": p.location, "field": p.field,
+                                "reason": p.reason}, ensure_ascii=False) + "\n")
+    os.replace(f.name, path)  # atomic: a reader never sees half a report
+
+
+def check_on_invalid(on_invalid: str, report_path) -> None:
+    if on_invalid not in ("error", "skip"):
+        raise ValueError(f"on_invalid must be 'error' or 'skip', got {on_invalid!r}")
+    if on_invalid == "skip" and report_path is None:
+        raise ValueError("on_invalid='skip' needs a report path, so that skipped records are listed somewhere")
+
+
+def check_problems(problems: list[Problem], *, on_invalid: str = "error",
+                   report_path: str | Path | None = None) -> None:
+    """Raises on invalid records, or skips them with a report; never drops a record silently.
+
+    Args:
+        problems: from `tokenize_records`.
+        on_invalid: "error" raises one `DataValidationError` listing them all (first 50 in the message);
+            "skip" logs a warning with the counts and the report path.
+        report_path: JSONL report, one object per problem (source, location, field, reason). Required with
+            "skip", where it is always (re)written, empty when there are no problems, so a stale report
+            never outlives its data. With "error" it is written only when there are problems.
+    """
+    check_on_invalid(on_invalid, report_path)
+    if report_path is not None and (problems or on_invalid == "skip"):
+        _write_report(problems, Path(report_path))
+    if problems and on_invalid == "error":
+        raise DataValidationError(problems, report_path)
+    if problems:
+        counts = problem_counts(problems)
+        logger.warning("Skipped %d invalid record(s) (%d problem(s), by field: %s); listed in %s",
+                       counts["records"], counts["problems"], counts["by_field"], report_path)
+
+
+# ---------------------------------------------------------------------------------------- fingerprints
+
+def dataset_fingerprint(records: list[Record]) -> str:
+    """sha256 over the canonical JSON of every record's (id, data), in order."""
+    h = hashlib.sha256()
+    for r in records:
+        h.update(json.dumps([r.id, r.data], sort_keys=True, ensure_ascii=False, separators=(",", ":"),
+                            default=str).encode("utf-8") + b"\n")
+    return h.hexdigest()
