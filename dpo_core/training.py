@@ -239,36 +239,18 @@ def train_loop(accelerator: Accelerator, model, optimizer, scheduler, train_load
                 tokens += batch["attention_mask"].sum()
             if not accelerator.sync_gradients:
                 continue
-            grad_norm = grad_norm_and_clip(accelerator, params, train_args.max_grad_norm)
-            # Every rank must take the same decision: reduce the flag (one small all-reduce per step).
-            bad = torch.maximum(bad, (~torch.isfinite(grad_norm)).float())
-            skip = accelerator.reduce(bad, reduction="sum").item() > 0
-            if skip:
-                state.skipped_steps += 1
-                state.consecutive_nonfinite += 1
-                logger.warning(f"step {state.global_step + 1}: non-finite loss or gradient norm, update skipped "
-                               f"({state.skipped_steps} skipped so far)")
-            else:  # a skipped step changes nothing: weights, optimizer moments and schedule stay put
-                optimizer.step()
-                scheduler.step()
-                state.consecutive_nonfinite = 0
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm, skipped = apply_update(accelerator, optimizer, scheduler, params, bad, state, train_args)
             bad.zero_()
-            state.global_step += 1
             bar.update(1)
-            if state.consecutive_nonfinite >= train_args.max_consecutive_nonfinite:
-                raise NonFiniteError(f"{state.consecutive_nonfinite} optimizer steps in a row had a non-finite loss "
-                                     f"or gradient norm (last at step {state.global_step}); stopping. Lower the "
-                                     "learning rate, check the data, or use float32/bf16 instead of fp16.")
-            window.add({"grad_norm": grad_norm.detach().float().reshape(1)} if not skip else {})
+            if not skipped:  # a skipped step has no meaningful gradient norm to log
+                window.add({"grad_norm": grad_norm.detach().float().reshape(1)})
             step = state.global_step
             if step % train_args.logging_steps == 0 or step == max_steps:
-                elapsed = time.perf_counter() - t_log
                 logs = window.flush(accelerator)
-                logs["learning_rate"] = scheduler.get_last_lr()[0]
-                logs["tokens_per_second"] = accelerator.reduce(tokens, reduction="sum").item() / max(elapsed, 1e-9)
-                logs["skipped_steps"] = state.skipped_steps
-                logs["epoch"] = state.epoch + state.batches_in_epoch / max(len(train_loader), 1)
+                logs.update(learning_rate=scheduler.get_last_lr()[0], skipped_steps=state.skipped_steps,
+                            epoch=state.epoch + state.batches_in_epoch / max(len(train_loader), 1),
+                            tokens_per_second=accelerator.reduce(tokens, reduction="sum").item()
+                            / max(time.perf_counter() - t_log, 1e-9))
                 accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=step)
                 bar.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}")
                 if on_log:
@@ -293,6 +275,35 @@ def train_loop(accelerator: Accelerator, model, optimizer, scheduler, train_load
     return {**{f"train_{k}": v for k, v in logs.items()}, **{f"eval_{k}": v for k, v in eval_metrics.items()},
             **{f"eval_start_{k}": v for k, v in start_metrics.items()},
             "global_step": state.global_step, "skipped_steps": state.skipped_steps}
+
+
+def apply_update(accelerator: Accelerator, optimizer, scheduler, params, bad: torch.Tensor, state: TrainState,
+                 train_args) -> tuple[torch.Tensor, bool]:
+    """Clips and steps, unless the loss (flagged in `bad`) or the gradient norm is non-finite on any rank.
+
+    A skipped step changes nothing: weights, optimizer moments and schedule stay put. Returns
+    `(grad_norm, skipped)`; raises `NonFiniteError` after `max_consecutive_nonfinite` skips in a row.
+    """
+    grad_norm = grad_norm_and_clip(accelerator, params, train_args.max_grad_norm)
+    bad = torch.maximum(bad, (~torch.isfinite(grad_norm)).float())
+    # Every rank must take the same decision: reduce the flag (one small all-reduce per step).
+    skipped = accelerator.reduce(bad, reduction="sum").item() > 0
+    if skipped:
+        state.skipped_steps += 1
+        state.consecutive_nonfinite += 1
+        logger.warning(f"step {state.global_step + 1}: non-finite loss or gradient norm, update skipped "
+                       f"({state.skipped_steps} skipped so far)")
+    else:
+        optimizer.step()
+        scheduler.step()
+        state.consecutive_nonfinite = 0
+    optimizer.zero_grad(set_to_none=True)
+    state.global_step += 1
+    if state.consecutive_nonfinite >= train_args.max_consecutive_nonfinite:
+        raise NonFiniteError(f"{state.consecutive_nonfinite} optimizer steps in a row had a non-finite loss or "
+                             f"gradient norm (last at step {state.global_step}); stopping. Lower the learning "
+                             "rate, check the data, or use float32/bf16 instead of fp16.")
+    return grad_norm, skipped
 
 
 def grad_norm_and_clip(accelerator: Accelerator, params, max_grad_norm: float) -> torch.Tensor:
