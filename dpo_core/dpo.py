@@ -67,11 +67,16 @@ def load_reference_cache(cache_dir, *, model_args, data_args, dpo_args, tokenize
     return load_cache(cache_dir, expected, {split: [e.id for e in exs] for split, exs in examples.items()})
 
 
-def collate_with_reference(examples, *, pad_token_id, split=None, cache=None):
-    batch = data_lib.collate_concat(examples, pad_token_id)
-    if cache is not None:
-        batch["ref_chosen_logps"], batch["ref_rejected_logps"] = cache.get(split, batch["ids"])
-    return batch
+def build_optimizer(model, train_args) -> torch.optim.AdamW:
+    """AdamW; biases and norm weights get no weight decay (as transformers' Trainer does)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.dim() < 2 or "norm" in name.lower() else decay).append(param)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": train_args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=train_args.learning_rate, betas=(train_args.adam_beta1, train_args.adam_beta2),
+        eps=train_args.adam_epsilon)
 
 
 def train_dpo(model_args, data_args, dpo_args, train_args) -> dict:
@@ -105,20 +110,15 @@ def train_dpo(model_args, data_args, dpo_args, train_args) -> dict:
                                trainable=False)
 
     def loader(split, batch_size, shuffle):
-        collate = partial(collate_with_reference, pad_token_id=tokenizer.pad_token_id, split=split, cache=cache)
+        collate = partial(data_lib.collate_concat, pad_token_id=tokenizer.pad_token_id)
+        if cache is not None:  # each batch carries its pairs' reference log-probs
+            collate = cache.collate(split, collate)
         return DataLoader(data_lib.PairDataset(examples[split]), batch_size=batch_size, shuffle=shuffle,
                           collate_fn=collate, num_workers=train_args.dataloader_num_workers)
 
     train_loader = loader("train", train_args.per_device_train_batch_size, shuffle=True)
     eval_loader = loader("eval", train_args.per_device_eval_batch_size, False) if examples.get("eval") else None
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if param.dim() < 2 or "norm" in name.lower() else decay).append(param)
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": train_args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=train_args.learning_rate, betas=(train_args.adam_beta1, train_args.adam_beta2),
-        eps=train_args.adam_epsilon)
+    optimizer = build_optimizer(model, train_args)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
