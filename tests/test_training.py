@@ -105,3 +105,14 @@ def test_yaml_unknown_key_is_an_error(tmp_path):
     cfg.write_text("betta: 0.2\n")
     with pytest.raises(ValueError, match="unknown keys \\['betta'\\]"):
         parse_config((DPOArguments,), ["--config", str(cfg)])
+
+
+def test_resolved_config_round_trips_through_config_flag(tmp_path):
+    from dpo_core.config import save_config
+
+    groups = (ModelArguments, DataArguments, DPOArguments, TrainArguments)
+    first = parse_config(groups, ["--model_name_or_path", "m", "--output_dir", "o", "--beta", "0.25",
+                                  "--loss_type", "sigmoid", "sft", "--loss_weights", "1", "0.2", "--max_steps", "7"])
+    save_config(tmp_path / "config.yaml", *first)
+    again = parse_config(groups, ["--config", str(tmp_path / "config.yaml")])
+    assert again == first
