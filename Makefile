@@ -20,7 +20,7 @@ quickstart: install
 	$(CPU) scripts/precompute_ref_logprobs.py --config recipes/quickstart.yaml \
 		--output_dir $(RUN)/ref-cache --overwrite
 	$(CPU) scripts/dpo.py --config recipes/quickstart.yaml \
-		--ref_logprobs $(RUN)/ref-cache --output_dir $(RUN)/dpo
+		--ref_logprobs $(RUN)/ref-cache --output_dir $(RUN)/dpo --overwrite_output_dir
 
 test: install-test lint
 	$(PYTHON) -m pytest -q -p no:cacheprovider tests

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -66,8 +67,8 @@ class DataArguments:
                   "start of the prompt."})
     on_invalid: str = field(
         default="error",
-        metadata={"help": "error: stop before training, listing every bad record; skip: drop them and write "
-                  "invalid_records.jsonl into --output_dir."})
+        metadata={"help": "error: stop before training, listing every bad record; skip: drop them and list them "
+                  "in invalid_records.jsonl (dpo.py: in --output_dir; the precompute: <output_dir>.invalid_records.jsonl)."})
 
     def __post_init__(self):
         if self.truncation_mode not in ("keep_start", "keep_end"):
@@ -136,7 +137,9 @@ class DPOArguments:
 @dataclass
 class TrainArguments:
     output_dir: str | None = field(default=None, metadata={"help": "Run directory (required)."})
-    seed: int = field(default=42, metadata={"help": "Seed of initialisation, shuffling and dropout."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Replace an earlier run's logs, checkpoints and results in --output_dir."})
+    seed: int = field(default=42, metadata={"help": "Seed of shuffling and of the eval_fraction carve-out."})
     max_steps: int = field(default=-1, metadata={"help": "Optimizer steps; overrides --num_train_epochs if > 0."})
     num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the training split."})
     per_device_train_batch_size: int = field(default=8, metadata={"help": "Pairs per process per micro-batch."})
@@ -177,6 +180,22 @@ class TrainArguments:
         if self.report_to not in ("tensorboard", "none"):
             raise ValueError(f"--report_to must be tensorboard or none, got {self.report_to!r}")
 
+
+def run_cli(main, argv=None) -> None:
+    """Runs a script's `main`; a user error (bad flag, bad data, stale cache, existing run directory) ends
+    with its message and exit code 1 instead of a traceback. `DPO_CORE_TRACEBACK=1` shows the traceback."""
+    try:
+        main(argv)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as error:
+        if os.environ.get("DPO_CORE_TRACEBACK") == "1" or type(error).__name__ not in _USER_ERRORS:
+            raise
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+# By name, so that this module does not import the data, cache and loop modules.
+_USER_ERRORS = {"ValueError", "DataValidationError", "RefCacheError", "FileNotFoundError", "FileExistsError",
+                "NonFiniteError"}
 
 _SECRET = re.compile(r"token|secret|password|api_key|apikey|credential", re.IGNORECASE)
 

@@ -21,7 +21,15 @@ from .config import save_config
 from .logps import FORWARDS
 from .losses import dpo_loss, preference_metrics
 from .modeling import load_model, load_model_and_tokenizer
-from .training import TrainState, build_accelerator, load_checkpoint, resolve_resume, total_steps, train_loop
+from .training import (
+    TrainState,
+    build_accelerator,
+    load_checkpoint,
+    prepare_output_dir,
+    resolve_resume,
+    total_steps,
+    train_loop,
+)
 
 
 def make_dpo_step(dpo_args, *, forward, ref_model=None):
@@ -44,14 +52,32 @@ def make_dpo_step(dpo_args, *, forward, ref_model=None):
             chosen_wpo_log_weights=out.chosen_wpo_log_weights,
             rejected_wpo_log_weights=out.rejected_wpo_log_weights)
         stats = {"loss": losses.detach(), **preference_metrics(chosen_rewards, rejected_rewards),
-                 # TRL's accuracy counts ties (e.g. policy == reference) as wrong; report them apart.
-                 "rewards/ties": (chosen_rewards == rejected_rewards).float(),
+                 **tie_metrics(chosen_rewards, rejected_rewards, out.chosen_logps, out.rejected_logps,
+                               dpo_args.beta),
                  "logps/chosen": out.chosen_logps.detach(), "logps/rejected": out.rejected_logps.detach(),
                  "logits/chosen": out.chosen_mean_logits.detach(),
                  "logits/rejected": out.rejected_mean_logits.detach()}
         return losses.mean(), stats
 
     return step
+
+
+TIE_RTOL = 1e-5
+
+
+def tie_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, beta: float) -> dict:
+    """Ties reported apart from TRL's `rewards/accuracies` (which counts them as wrong).
+
+    With policy == reference the margin is 0 up to the float32 noise of differently batched forwards
+    (the cache is computed in other batches than training), ~1e-7 of the log-probs compared. A margin
+    within `TIE_RTOL * beta * (|chosen logp| + |rejected logp|)` is therefore a tie. The accuracy that
+    counts ties as half reads 0.5 before training.
+    """
+    margin = (chosen_rewards - rejected_rewards).float()
+    tol = TIE_RTOL * beta * (chosen_logps.detach().abs() + rejected_logps.detach().abs()).float()
+    ties = (margin.abs() <= tol).float()
+    wins = (margin > tol).float()
+    return {"rewards/ties": ties, "rewards/accuracies_ties_half": wins + 0.5 * ties}
 
 
 def load_reference_cache(cache_dir, *, model_args, data_args, dpo_args, tokenizer, records, examples,
@@ -88,6 +114,8 @@ def train_dpo(model_args, data_args, dpo_args, train_args) -> dict:
                       f"device {accelerator.device}, mixed_precision {accelerator.mixed_precision}")
     set_seed(train_args.seed)
     output_dir = Path(train_args.output_dir)
+    prepare_output_dir(accelerator, output_dir, overwrite=train_args.overwrite_output_dir,
+                       resume=train_args.resume_from_checkpoint)
     if accelerator.is_main_process:
         save_config(output_dir / "config.yaml", model_args, data_args, dpo_args, train_args)
 
@@ -98,6 +126,12 @@ def train_dpo(model_args, data_args, dpo_args, train_args) -> dict:
         records, examples = data_lib.prepare_from_args(data_args, tokenizer, seed=train_args.seed,
                                                        report_path=output_dir / "invalid_records.jsonl")
 
+    if not examples["train"]:
+        raise ValueError(f"{data_args.dataset_name}: no usable training records in split "
+                         f"{data_args.dataset_split!r}" + (" (all skipped; see invalid_records.jsonl)"
+                                                           if data_args.on_invalid == "skip" else ""))
+    if "eval" in examples and not examples["eval"]:
+        raise ValueError(f"{data_args.dataset_name}: the held-out split has no usable records")
     cache, ref_model = None, None
     if dpo_args.ref_logprobs:
         cache = load_reference_cache(dpo_args.ref_logprobs, model_args=model_args, data_args=data_args,

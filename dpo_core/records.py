@@ -65,7 +65,7 @@ class DataValidationError(ValueError):
             lines.append(f"  ... and {len(problems) - MAX_LISTED_PROBLEMS} more")
         if report_path is not None:
             lines.append(f"All of them are listed in {report_path}.")
-        lines.append("Fix the data, or pass on_invalid='skip' to drop these records with a report.")
+        lines.append("Fix the data, or pass --on_invalid skip (on_invalid='skip') to drop these records with a report.")
         super().__init__("\n".join(lines))
 
 

@@ -162,6 +162,23 @@ def load_checkpoint(accelerator: Accelerator, path: str | Path, *, scheduler, st
     scheduler.load_state_dict(trainer_state["scheduler"])
 
 
+def prepare_output_dir(accelerator: Accelerator, output_dir: str | Path, *, overwrite: bool, resume: str | None):
+    """Refuses to mix a new run into an earlier one's logs and checkpoints, unless told to replace or resume."""
+    output_dir = Path(output_dir)
+    earlier = [output_dir / name for name in ("logs", "checkpoints", "train_results.json")
+               if (output_dir / name).exists()]
+    if earlier and not resume:
+        if not overwrite:
+            raise FileExistsError(f"{output_dir} holds an earlier run ({', '.join(p.name for p in earlier)}): pass "
+                                  "--overwrite_output_dir to replace it, or --resume_from_checkpoint latest to "
+                                  "continue it")
+        accelerator.wait_for_everyone()  # every rank has checked before anything is deleted
+        if accelerator.is_main_process:
+            for path in earlier:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    accelerator.wait_for_everyone()
+
+
 def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
     """`latest` -> newest complete checkpoint or None (fresh start); a path must be a complete checkpoint."""
     if not resume:

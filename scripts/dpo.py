@@ -1,4 +1,4 @@
-"""Direct Preference Optimization of a causal LM, under any accelerate config.
+r"""Direct Preference Optimization of a causal LM, under any accelerate config.
 
 Examples (the tiny demo model: `python scripts/build_tiny_model.py runs/tiny-model`):
 
@@ -7,18 +7,19 @@ Examples (the tiny demo model: `python scripts/build_tiny_model.py runs/tiny-mod
         --model_name_or_path runs/tiny-model --dataset_name data/demo --eval_split test \
         --output_dir runs/dpo --learning_rate 1e-3 --max_steps 60 --beta 0.1
 
-    # two CPU processes (gloo), reference log-probs from a precomputed cache
+    # two CPU processes (gloo), reference log-probs from a precomputed cache (see `make quickstart`)
     accelerate launch --config_file accelerate_configs/multi_cpu.yaml scripts/dpo.py \
-        --config recipes/demo_dpo.yaml --ref_logprobs runs/ref-cache
+        --config recipes/quickstart.yaml --ref_logprobs runs/quickstart/ref-cache --output_dir runs/dpo-2p
 
     # any flag may come from a YAML file; the command line overrides it
-    accelerate launch scripts/dpo.py --config my.yaml --beta 0.2 --loss_type sigmoid sft --loss_weights 1 0.2
+    accelerate launch scripts/dpo.py --config recipes/quickstart.yaml --output_dir runs/dpo-mix \
+        --beta 0.2 --loss_type sigmoid sft --loss_weights 1 0.2
 
 Writes into --output_dir: the model (safetensors) and tokenizer, config.yaml, train_results.json,
 logs/ (TensorBoard: train/* and eval/* scalars) and checkpoints/ (with --save_steps).
 """
 
-from dpo_core.config import DataArguments, DPOArguments, ModelArguments, TrainArguments, parse_config
+from dpo_core.config import DataArguments, DPOArguments, ModelArguments, TrainArguments, parse_config, run_cli
 from dpo_core.dpo import train_dpo
 
 
@@ -29,4 +30,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -1,4 +1,4 @@
-"""Reference log-probs of every preference pair, computed once, offline, sharded over processes.
+r"""Reference log-probs of every preference pair, computed once, offline, sharded over processes.
 
     # one process (CPU or one GPU); the same model/data/tokenization flags as the dpo.py run
     accelerate launch --config_file accelerate_configs/cpu.yaml scripts/precompute_ref_logprobs.py \
@@ -32,7 +32,7 @@ from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 
 from dpo_core import data as data_lib
-from dpo_core.config import DataArguments, DPOArguments, ModelArguments, TrainArguments, parse_config
+from dpo_core.config import DataArguments, DPOArguments, ModelArguments, TrainArguments, parse_config, run_cli
 from dpo_core.logps import FORWARDS
 from dpo_core.modeling import load_model, load_tokenizer
 from dpo_core.ref_cache import (
@@ -132,4 +132,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

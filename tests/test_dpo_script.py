@@ -105,15 +105,20 @@ def test_no_secret_reaches_logs_configs_or_event_files(tiny_model_dir, data_dir,
 
 @pytest.mark.slow
 def test_shipped_data_short_run_lifts_heldout_accuracy(tiny_model_dir, tmp_path):
-    """Before training policy == reference: every pair ties (accuracy counting ties as half: 0.5)."""
+    """Before training policy == reference: every pair ties (accuracy counting ties as half: 0.5).
+
+    Uses the cache, whose values come from other batches than the evaluation's: ties must survive float32 noise."""
     out = tmp_path / "run"
+    run_script("precompute_ref_logprobs.py", ["--model_name_or_path", str(tiny_model_dir), "--dataset_name",
+                                              str(DEMO_DATA), "--eval_split", "test", "--max_length", "96",
+                                              "--output_dir", str(tmp_path / "cache")])
     run_script("dpo.py", ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(DEMO_DATA),
                           "--eval_split", "test", "--output_dir", str(out), "--learning_rate", "1e-3",
                           "--max_steps", "30", "--per_device_train_batch_size", "8", "--eval_on_start",
-                          "--max_length", "96", "--logging_steps", "10"])
+                          "--max_length", "96", "--logging_steps", "10", "--ref_logprobs", str(tmp_path / "cache")])
     scalars = read_scalars(out / "logs")
-    before = scalars["eval/rewards/accuracies"][0] + 0.5 * scalars["eval/rewards/ties"][0]
-    assert before == pytest.approx(0.5, abs=0.05)
+    assert scalars["eval/rewards/ties"][0] == 1.0
+    assert scalars["eval/rewards/accuracies_ties_half"][0] == 0.5
     after = results(out)["eval_rewards/accuracies"]
     assert after >= 0.9, after
     assert results(out)["eval_rewards/margins"] > 0
@@ -158,3 +163,18 @@ def test_cached_reference_gives_the_online_reference_losses_and_rewards(tiny_mod
         assert online[tag].keys() == cached[tag].keys(), tag
         for step, value in online[tag].items():
             assert cached[tag][step] == pytest.approx(value, abs=1e-5), (tag, step)
+
+
+def test_user_errors_end_with_a_message_not_a_traceback(tiny_model_dir, data_dir, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    proc = run_script("dpo.py", dpo_args(tiny_model_dir, empty, tmp_path / "e", "--max_steps", "1"), check=False)
+    assert proc.returncode == 1
+    assert "no usable training records" in proc.stderr and "Traceback" not in proc.stderr
+    # An earlier run in the output directory is not silently mixed with a new one.
+    out = tmp_path / "run"
+    run_script("dpo.py", dpo_args(tiny_model_dir, data_dir, out, "--max_steps", "1"))
+    again = run_script("dpo.py", dpo_args(tiny_model_dir, data_dir, out, "--max_steps", "2"), check=False)
+    assert again.returncode == 1 and "--overwrite_output_dir" in again.stderr
+    run_script("dpo.py", dpo_args(tiny_model_dir, data_dir, out, "--max_steps", "2", "--overwrite_output_dir"))
+    assert set(read_scalars(out / "logs")["train/loss"]) == {1, 2}
