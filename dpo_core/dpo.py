@@ -66,18 +66,20 @@ TIE_RTOL = 1e-5
 
 
 def tie_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, beta: float) -> dict:
-    """Ties reported apart from TRL's `rewards/accuracies` (which counts them as wrong).
+    """Accuracy with ties told apart from wins, replacing TRL's strict `chosen > rejected`.
 
     With policy == reference the margin is 0 up to the float32 noise of differently batched forwards
-    (the cache is computed in other batches than training), ~1e-7 of the log-probs compared. A margin
-    within `TIE_RTOL * beta * (|chosen logp| + |rejected logp|)` is therefore a tie. The accuracy that
-    counts ties as half reads 0.5 before training.
+    (the cache is computed in other batches than training), ~1e-7 of the log-probs compared; TRL's
+    accuracy then reports the sign of that noise. Here a margin within
+    `TIE_RTOL * beta * (|chosen logp| + |rejected logp|)` is a tie: `rewards/accuracies` counts wins
+    beyond it (equal to TRL's everywhere else), `rewards/ties` the ties, and
+    `rewards/accuracies_ties_half` counts ties as half (0.5 before training).
     """
     margin = (chosen_rewards - rejected_rewards).float()
     tol = TIE_RTOL * beta * (chosen_logps.detach().abs() + rejected_logps.detach().abs()).float()
     ties = (margin.abs() <= tol).float()
     wins = (margin > tol).float()
-    return {"rewards/ties": ties, "rewards/accuracies_ties_half": wins + 0.5 * ties}
+    return {"rewards/accuracies": wins, "rewards/ties": ties, "rewards/accuracies_ties_half": wins + 0.5 * ties}
 
 
 def load_reference_cache(cache_dir, *, model_args, data_args, dpo_args, tokenizer, records, examples,
