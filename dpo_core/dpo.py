@@ -51,9 +51,8 @@ def make_dpo_step(dpo_args, *, forward, ref_model=None):
             chosen_lengths=out.chosen_lengths, rejected_lengths=out.rejected_lengths, chosen_nll=out.chosen_nll,
             chosen_wpo_log_weights=out.chosen_wpo_log_weights,
             rejected_wpo_log_weights=out.rejected_wpo_log_weights)
-        stats = {"loss": losses.detach(), **preference_metrics(chosen_rewards, rejected_rewards),
-                 **tie_metrics(chosen_rewards, rejected_rewards, out.chosen_logps, out.rejected_logps,
-                               dpo_args.beta),
+        tol = tie_tolerance(out.chosen_logps, out.rejected_logps, dpo_args.beta)
+        stats = {"loss": losses.detach(), **preference_metrics(chosen_rewards, rejected_rewards, tol),
                  "logps/chosen": out.chosen_logps.detach(), "logps/rejected": out.rejected_logps.detach(),
                  "logits/chosen": out.chosen_mean_logits.detach(),
                  "logits/rejected": out.rejected_mean_logits.detach()}
@@ -65,21 +64,14 @@ def make_dpo_step(dpo_args, *, forward, ref_model=None):
 TIE_RTOL = 1e-5
 
 
-def tie_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, beta: float) -> dict:
-    """Accuracy with ties told apart from wins, replacing TRL's strict `chosen > rejected`.
+def tie_tolerance(chosen_logps, rejected_logps, beta: float):
+    """Reward margins this small are ties, not wins or losses.
 
     With policy == reference the margin is 0 up to the float32 noise of differently batched forwards
     (the cache is computed in other batches than training), ~1e-7 of the log-probs compared; TRL's
-    accuracy then reports the sign of that noise. Here a margin within
-    `TIE_RTOL * beta * (|chosen logp| + |rejected logp|)` is a tie: `rewards/accuracies` counts wins
-    beyond it (equal to TRL's everywhere else), `rewards/ties` the ties, and
-    `rewards/accuracies_ties_half` counts ties as half (0.5 before training).
+    strict accuracy then reports the sign of that noise. Returns `(B,)`.
     """
-    margin = (chosen_rewards - rejected_rewards).float()
-    tol = TIE_RTOL * beta * (chosen_logps.detach().abs() + rejected_logps.detach().abs()).float()
-    ties = (margin.abs() <= tol).float()
-    wins = (margin > tol).float()
-    return {"rewards/accuracies": wins, "rewards/ties": ties, "rewards/accuracies_ties_half": wins + 0.5 * ties}
+    return TIE_RTOL * beta * (chosen_logps.detach().abs() + rejected_logps.detach().abs()).float()
 
 
 def load_reference_cache(cache_dir, *, model_args, data_args, dpo_args, tokenizer, records, examples,

@@ -391,12 +391,23 @@ def dpo_loss(
     return losses, chosen_rewards, rejected_rewards
 
 
-def preference_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor) -> dict[str, Tensor]:
-    """Per-pair ``(B,)`` reward metrics under TRL's tag names; gather, then average, in the training loop."""
+def preference_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor,
+                       tie_tolerance: Tensor | float = 0.0) -> dict[str, Tensor]:
+    """Per-pair ``(B,)`` reward metrics under TRL's tag names; gather, then average, in the training loop.
+
+    A margin within `tie_tolerance` (a scalar or ``(B,)``) is a tie: `rewards/accuracies` counts wins
+    beyond it (with 0, TRL's strict ``chosen > rejected``), `rewards/ties` the ties and
+    `rewards/accuracies_ties_half` counts ties as half (0.5 when policy == reference).
+    """
     chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
+    margins = chosen_rewards - rejected_rewards
+    ties = (margins.abs() <= tie_tolerance).to(margins.dtype)
+    wins = (margins > tie_tolerance).to(margins.dtype)
     return {
         "rewards/chosen": chosen_rewards,
         "rewards/rejected": rejected_rewards,
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).to(chosen_rewards.dtype),
-        "rewards/margins": chosen_rewards - rejected_rewards,
+        "rewards/accuracies": wins,
+        "rewards/margins": margins,
+        "rewards/ties": ties,
+        "rewards/accuracies_ties_half": wins + 0.5 * ties,
     }

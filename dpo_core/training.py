@@ -218,8 +218,7 @@ def total_steps(train_args, batches_per_epoch: int) -> int:
 
 
 def train_loop(accelerator: Accelerator, model, optimizer, scheduler, train_loader, step_fn: Callable, train_args,
-               *, eval_loader=None, max_steps: int, state: TrainState | None = None,
-               on_log: Callable[[dict], None] | None = None) -> dict[str, float]:
+               *, eval_loader=None, max_steps: int, state: TrainState | None = None) -> dict[str, float]:
     """Runs optimizer steps until `max_steps`; returns the last logged train metrics and eval metrics.
 
     `model`, `optimizer`, `train_loader` and `eval_loader` are already `accelerator.prepare`d. The
@@ -270,8 +269,6 @@ def train_loop(accelerator: Accelerator, model, optimizer, scheduler, train_load
                             / max(time.perf_counter() - t_log, 1e-9))
                 accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=step)
                 bar.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}")
-                if on_log:
-                    on_log({"step": step, **logs})
                 tokens.zero_()
                 t_log = time.perf_counter()
             if eval_loader is not None and train_args.eval_steps and step % train_args.eval_steps == 0:

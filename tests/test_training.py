@@ -120,12 +120,15 @@ def test_resolved_config_round_trips_through_config_flag(tmp_path):
 
 def test_tie_metrics_tell_noise_from_wins():
     """beta 0.1, log-probs ~ -50 each: tolerance 1e-5 * 0.1 * 100 = 1e-4 in reward units."""
-    from dpo_core.dpo import tie_metrics
+    from dpo_core.dpo import tie_tolerance
+    from dpo_core.losses import preference_metrics
 
     chosen = torch.tensor([0.0, 3e-6, 0.5, -0.2])
     rejected = torch.tensor([0.0, 0.0, 0.0, 0.3])
     logps = torch.full((4,), -50.0)
-    m = tie_metrics(chosen, rejected, logps, logps, beta=0.1)
+    m = preference_metrics(chosen, rejected, tie_tolerance(logps, logps, beta=0.1))
     assert m["rewards/accuracies"].tolist() == [0.0, 0.0, 1.0, 0.0]
     assert m["rewards/ties"].tolist() == [1.0, 1.0, 0.0, 0.0]
     assert m["rewards/accuracies_ties_half"].tolist() == [0.5, 0.5, 1.0, 0.0]
+    # Without a tolerance: TRL's strict accuracy (the 3e-6 noise counts as a win).
+    assert preference_metrics(chosen, rejected)["rewards/accuracies"].tolist() == [0.0, 1.0, 1.0, 0.0]
