@@ -350,6 +350,8 @@ def collate_concat(examples: list[Example], pad_token_id: int, pad_to_multiple_o
         input_ids, attention_mask, completion_mask: [2B, T] long; rows 0..B-1 are prompt+chosen and rows
         B..2B-1 prompt+rejected; completion_mask is 1 exactly on completion tokens.
         ids: [B] long, the examples' ids.
+        num_tokens: scalar long, non-padding tokens of the 2B sequences (the same in every batch layout, so
+            tokens/s compares layouts); num_positions: scalar long, positions the model processes (with padding).
     """
     rows = [(e.prompt_ids, e.chosen_ids) for e in examples] + [(e.prompt_ids, e.rejected_ids) for e in examples]
     width = max(len(p) + len(c) for p, c in rows)
@@ -363,4 +365,9 @@ def collate_concat(examples: list[Example], pad_token_id: int, pad_to_multiple_o
         attention_mask[i, : len(p) + len(c)] = 1
         completion_mask[i, len(p): len(p) + len(c)] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask,
-            "ids": torch.tensor([e.id for e in examples], dtype=torch.long)}
+            "ids": torch.tensor([e.id for e in examples], dtype=torch.long),
+            "num_tokens": attention_mask.sum(), "num_positions": torch.tensor(input_ids.numel())}
+
+
+# Batch layouts by `--forward_mode`: each collator pairs with `dpo_core.logps.FORWARDS[mode]`.
+COLLATORS = {"concat": collate_concat}

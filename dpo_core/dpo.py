@@ -138,7 +138,7 @@ def train_dpo(model_args, data_args, dpo_args, train_args) -> dict:
                                trainable=False)
 
     def loader(split, batch_size, shuffle):
-        collate = partial(data_lib.collate_concat, pad_token_id=tokenizer.pad_token_id)
+        collate = partial(data_lib.COLLATORS[train_args.forward_mode], pad_token_id=tokenizer.pad_token_id)
         if cache is not None:  # each batch carries its pairs' reference log-probs
             collate = cache.collate(split, collate)
         return DataLoader(data_lib.PairDataset(examples[split]), batch_size=batch_size, shuffle=shuffle,

@@ -252,7 +252,7 @@ def train_loop(accelerator: Accelerator, model, optimizer, scheduler, train_load
                 bad = torch.maximum(bad, (~torch.isfinite(loss.detach())).float())
                 accelerator.backward(loss)
                 window.add(stats)
-                tokens += batch["attention_mask"].sum()
+                tokens += batch["num_tokens"]
             if not accelerator.sync_gradients:
                 continue
             grad_norm, skipped = apply_update(accelerator, optimizer, scheduler, params, bad, state, train_args)
