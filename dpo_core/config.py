@@ -181,6 +181,39 @@ class TrainArguments:
             raise ValueError(f"--report_to must be tensorboard or none, got {self.report_to!r}")
 
 
+def _check_groups(config, flat_cls) -> None:
+    """Runs the `__post_init__` of every group a flat config inherits (Python would run only the first)."""
+    for group in reversed(flat_cls.__mro__[1:]):
+        check = vars(group).get("__post_init__")
+        if check is not None:
+            check(config)
+
+
+# The flat configs of the Python API. Every field of the groups, so one object (or one YAML file) holds a
+# whole run, and a field added to a group appears here by itself. Fields come in the order model, data,
+# method, training (dataclasses collect fields from the last base first).
+@dataclass
+class DPOConfig(TrainArguments, DPOArguments, DataArguments, ModelArguments):
+    """Everything `dpo_core.train_dpo` (and `scripts/dpo.py`) reads."""
+
+    def __post_init__(self):
+        _check_groups(self, DPOConfig)
+
+
+@dataclass
+class SFTConfig(TrainArguments, DataArguments, ModelArguments):
+    """Everything `dpo_core.train_sft` (and `scripts/sft.py`) reads. Defaults that differ from DPO's are
+    redeclared here (fine-tuning on demonstrations takes a far larger learning rate than DPO)."""
+
+    ref_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Unused by SFT (there is no reference); accepted so that one recipe "
+                                "serves sft.py and dpo.py."})
+    learning_rate: float = field(default=2e-5, metadata={"help": "Peak AdamW learning rate."})
+
+    def __post_init__(self):
+        _check_groups(self, SFTConfig)
+
+
 def run_cli(main, argv=None) -> None:
     """Runs a script's `main`; a user error (bad flag, bad data, stale cache, existing run directory) ends
     with its message and exit code 1 instead of a traceback. `DPO_CORE_TRACEBACK=1` shows the traceback."""

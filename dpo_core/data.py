@@ -238,9 +238,11 @@ def _length_problems(full: list[list[int]], cut: tuple[list[int], ...], s: Token
                        f"below {s.max_length}")]
 
 
-def tokenize_records(records: list[Record], tokenizer, settings: TokenizeSettings
+def tokenize_records(records: list[Record], tokenizer, settings: TokenizeSettings, *, validate=None
                      ) -> tuple[list[Example], list[Problem]]:
     """Validates, tokenizes (as TRL 1.16) and truncates every record; never stops at the first bad one.
+
+    `validate(data) -> [(field, reason)]` replaces the preference checks (SFT's single completions).
 
     Returns:
         (examples of the valid records in input order, problems of the others: one or more per bad record).
@@ -253,7 +255,7 @@ def tokenize_records(records: list[Record], tokenizer, settings: TokenizeSetting
         raise ValueError("standard (string) completions need an EOS token, but the tokenizer has no eos_token")
     examples, problems, n_prompt_cut = [], [], 0
     for record in records:
-        found = [("json", record.error)] if record.data is None else _validate(record.data)
+        found = [("json", record.error)] if record.data is None else (validate or _validate)(record.data)
         if not found:
             try:
                 *full, prompt_cut = _tokenize_pair(record.data, tokenizer)
@@ -281,9 +283,9 @@ def tokenize_records(records: list[Record], tokenizer, settings: TokenizeSetting
 def prepare_examples(dataset_name: str, tokenizer, settings: TokenizeSettings, *, split: str = "train",
                      eval_split: str | None = None, eval_fraction: float = 0.0, seed: int = 0,
                      dataset_config: str | None = None, on_invalid: str = "error",
-                     report_path: str | Path | None = None
+                     report_path: str | Path | None = None, tokenize=None
                      ) -> tuple[dict[str, list[Record]], dict[str, list[Example]]]:
-    """`load_splits` + `tokenize_records` per split + one `check_problems` over all splits.
+    """`load_splits` + `tokenize_records` (or `tokenize`, same signature) per split + one `check_problems`.
 
     Returns:
         `(records, examples)`, each `{"train": [...][, "eval": [...]]}`; the records are kept for
@@ -294,14 +296,14 @@ def prepare_examples(dataset_name: str, tokenizer, settings: TokenizeSettings, *
                           seed=seed, dataset_config=dataset_config)
     examples, all_problems = {}, []
     for name, split_records in records.items():
-        examples[name], problems = tokenize_records(split_records, tokenizer, settings)
+        examples[name], problems = (tokenize or tokenize_records)(split_records, tokenizer, settings)
         all_problems += problems
         logger.info("%s: %d of %d records tokenized", name, len(examples[name]), len(split_records))
     check_problems(all_problems, on_invalid=on_invalid, report_path=report_path)
     return records, examples
 
 
-def prepare_from_args(data_args, tokenizer, *, seed: int, report_path: str | Path | None):
+def prepare_from_args(data_args, tokenizer, *, seed: int, report_path: str | Path | None, tokenize=None):
     """`prepare_examples` from a `DataArguments`: what every script runs, so they tokenize identically."""
     settings = TokenizeSettings(max_length=data_args.max_length, max_prompt_length=data_args.max_prompt_length,
                                 max_completion_length=data_args.max_completion_length,
@@ -309,7 +311,7 @@ def prepare_from_args(data_args, tokenizer, *, seed: int, report_path: str | Pat
     return prepare_examples(data_args.dataset_name, tokenizer, settings, split=data_args.dataset_split,
                             eval_split=data_args.eval_split, eval_fraction=data_args.eval_fraction, seed=seed,
                             dataset_config=data_args.dataset_config, on_invalid=data_args.on_invalid,
-                            report_path=report_path)
+                            report_path=report_path, tokenize=tokenize)
 
 
 # ---------------------------------------------------------------------------------------- fingerprints

@@ -1,35 +1,24 @@
 """DPO training from configs: data, policy, reference (cache | frozen model | none), the DPO step, the loop.
 
-`train_dpo(model_args, data_args, dpo_args, train_args)` is the whole of `scripts/dpo.py`.
+`train_dpo(DPOConfig(...))` is the whole of `scripts/dpo.py`; `run_dpo` takes the config groups.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 from functools import partial
 from pathlib import Path
 
 import torch
-from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
-from transformers import get_scheduler
 
 from . import data as data_lib
-from .config import save_config
+from .config import DPOConfig
 from .logps import FORWARDS
 from .losses import dpo_loss, preference_metrics
 from .modeling import load_model, load_model_and_tokenizer
-from .training import (
-    TrainState,
-    build_accelerator,
-    load_checkpoint,
-    prepare_output_dir,
-    resolve_resume,
-    total_steps,
-    train_loop,
-)
+from .training import TrainResult, schedule_and_resume, start_run, train_loop
 
 
 def make_dpo_step(dpo_args, *, forward, ref_model=None):
@@ -99,19 +88,16 @@ def build_optimizer(model, train_args) -> torch.optim.AdamW:
         eps=train_args.adam_epsilon)
 
 
-def train_dpo(model_args, data_args, dpo_args, train_args) -> dict:
-    """Trains, saves the final model/tokenizer/config/metrics into `output_dir`; returns the final metrics."""
-    if not train_args.output_dir:
-        raise ValueError("--output_dir is required")
-    accelerator = build_accelerator(train_args)
-    accelerator.print(f"num_processes {accelerator.num_processes} ({accelerator.distributed_type}), "
-                      f"device {accelerator.device}, mixed_precision {accelerator.mixed_precision}")
-    set_seed(train_args.seed)
-    output_dir = Path(train_args.output_dir)
-    prepare_output_dir(accelerator, output_dir, overwrite=train_args.overwrite_output_dir,
-                       resume=train_args.resume_from_checkpoint)
-    if accelerator.is_main_process:
-        save_config(output_dir / "config.yaml", model_args, data_args, dpo_args, train_args)
+def train_dpo(config: DPOConfig) -> TrainResult:
+    """Trains a policy with DPO from one flat config; saves model, tokenizer, config and metrics into
+    `config.output_dir`. What `scripts/dpo.py` runs."""
+    metrics = run_dpo(config, config, config, config)
+    return TrainResult(metrics=metrics, output_dir=Path(config.output_dir))
+
+
+def run_dpo(model_args, data_args, dpo_args, train_args) -> dict:
+    """`train_dpo` from the config groups (any object with their fields); returns the final metrics."""
+    accelerator, output_dir = start_run(train_args, model_args, data_args, dpo_args, train_args)
 
     model, tokenizer = load_model_and_tokenizer(model_args)
     if model_args.gradient_checkpointing:
@@ -120,12 +106,7 @@ def train_dpo(model_args, data_args, dpo_args, train_args) -> dict:
         records, examples = data_lib.prepare_from_args(data_args, tokenizer, seed=train_args.seed,
                                                        report_path=output_dir / "invalid_records.jsonl")
 
-    if not examples["train"]:
-        raise ValueError(f"{data_args.dataset_name}: no usable training records in split "
-                         f"{data_args.dataset_split!r}" + (" (all skipped; see invalid_records.jsonl)"
-                                                           if data_args.on_invalid == "skip" else ""))
-    if "eval" in examples and not examples["eval"]:
-        raise ValueError(f"{data_args.dataset_name}: the held-out split has no usable records")
+    require_examples(examples, data_args)
     cache, ref_model = None, None
     if dpo_args.ref_logprobs:
         cache = load_reference_cache(dpo_args.ref_logprobs, model_args=model_args, data_args=data_args,
@@ -154,22 +135,27 @@ def train_dpo(model_args, data_args, dpo_args, train_args) -> dict:
         # Frozen and never wrapped: not prepared, so checkpoints do not carry a second copy of the weights.
         ref_model = ref_model.to(accelerator.device)
 
-    max_steps = total_steps(train_args, len(train_loader))
-    warmup = train_args.warmup_steps or math.ceil(train_args.warmup_ratio * max_steps)
-    scheduler = get_scheduler(train_args.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
-                              num_training_steps=max_steps)
-    state = TrainState()
-    resume = resolve_resume(output_dir, train_args.resume_from_checkpoint)
-    if resume is not None:
-        load_checkpoint(accelerator, resume, scheduler=scheduler, state=state)
-        accelerator.print(f"Resumed from {resume} at step {state.global_step}")
-    # purge_step: after a resume, TensorBoard discards events logged past the checkpoint (no duplicate steps).
-    accelerator.init_trackers("tensorboard", config=_hparams(model_args, data_args, dpo_args, train_args),
-                              init_kwargs={"tensorboard": {"purge_step": state.global_step or None}})
+    scheduler, state, max_steps = schedule_and_resume(accelerator, optimizer, train_args, len(train_loader),
+                                                      model_args, data_args, dpo_args, train_args)
 
     step_fn = make_dpo_step(dpo_args, forward=FORWARDS[train_args.forward_mode], ref_model=ref_model)
     metrics = train_loop(accelerator, model, optimizer, scheduler, train_loader, step_fn, train_args,
                          eval_loader=eval_loader, max_steps=max_steps, state=state)
+    return finish_run(accelerator, model, tokenizer, output_dir, metrics)
+
+
+def require_examples(examples: dict, data_args) -> None:
+    """Stops before training on an empty training or held-out split, saying why."""
+    if not examples["train"]:
+        raise ValueError(f"{data_args.dataset_name}: no usable training records in split "
+                         f"{data_args.dataset_split!r}" + (" (all skipped; see invalid_records.jsonl)"
+                                                           if data_args.on_invalid == "skip" else ""))
+    if "eval" in examples and not examples["eval"]:
+        raise ValueError(f"{data_args.dataset_name}: the held-out split has no usable records")
+
+
+def finish_run(accelerator, model, tokenizer, output_dir: Path, metrics: dict) -> dict:
+    """The end of every training run: final model and metrics saved, metrics printed, trackers closed."""
     metrics["num_processes"] = accelerator.num_processes
     save_final(accelerator, model, tokenizer, output_dir, metrics)
     accelerator.print(format_metrics(metrics))
@@ -188,14 +174,6 @@ def format_metrics(metrics: dict) -> str:
             start = metrics.get(f"eval_start_{key}")
             lines.append(f"{key:26s} {'' if start is None else f'{start:10.4f}':>10s} {metrics[f'eval_{key}']:10.4f}")
     return "\n".join(lines)
-
-
-def _hparams(*configs) -> dict:
-    """TensorBoard hparams accept scalars and strings only; secrets never leave `resolved_config`."""
-    from .config import resolved_config
-
-    return {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v))
-            for k, v in resolved_config(*configs).items()}
 
 
 def save_final(accelerator, model, tokenizer, output_dir: Path, metrics: dict) -> None:

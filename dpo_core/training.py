@@ -52,6 +52,15 @@ class TrainState:
             setattr(self, key, value)
 
 
+@dataclass
+class TrainResult:
+    """What `dpo_core.train_dpo` / `train_sft` return: the final metrics (also in `train_results.json`)
+    and the run directory holding the trained model."""
+
+    metrics: dict
+    output_dir: Path
+
+
 def make_accelerator(**kwargs) -> Accelerator:
     """An Accelerator that really connects several CPU processes (gloo) when no GPU is present."""
     return Accelerator(cpu=_cpu_only(), kwargs_handlers=process_group_kwargs(), **kwargs)
@@ -192,6 +201,59 @@ def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
     return path
 
 
+# ------------------------------------------------------------------------------------------ run set-up
+def start_run(train_args, *configs) -> tuple[Accelerator, Path]:
+    """The start of every training run: the Accelerator, the seed, a checked `output_dir` and the resolved
+    config (`configs`: the dataclasses to write into `config.yaml`). Returns `(accelerator, output_dir)`."""
+    from accelerate.utils import set_seed
+
+    from .config import save_config
+
+    if not train_args.output_dir:
+        raise ValueError("--output_dir is required")
+    accelerator = build_accelerator(train_args)
+    accelerator.print(f"num_processes {accelerator.num_processes} ({accelerator.distributed_type}), "
+                      f"device {accelerator.device}, mixed_precision {accelerator.mixed_precision}")
+    set_seed(train_args.seed)
+    output_dir = Path(train_args.output_dir)
+    prepare_output_dir(accelerator, output_dir, overwrite=train_args.overwrite_output_dir,
+                       resume=train_args.resume_from_checkpoint)
+    if accelerator.is_main_process:
+        save_config(output_dir / "config.yaml", *configs)
+    return accelerator, output_dir
+
+
+def schedule_and_resume(accelerator: Accelerator, optimizer, train_args, batches_per_epoch: int, *configs):
+    """The LR schedule, the loop state (loaded from `--resume_from_checkpoint` when given) and the trackers.
+
+    Call after `accelerator.prepare` (the checkpoint holds the prepared model and optimizer).
+    Returns `(scheduler, state, max_steps)`.
+    """
+    from transformers import get_scheduler
+
+    max_steps = total_steps(train_args, batches_per_epoch)
+    warmup = train_args.warmup_steps or math.ceil(train_args.warmup_ratio * max_steps)
+    scheduler = get_scheduler(train_args.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
+                              num_training_steps=max_steps)
+    state = TrainState()
+    resume = resolve_resume(train_args.output_dir, train_args.resume_from_checkpoint)
+    if resume is not None:
+        load_checkpoint(accelerator, resume, scheduler=scheduler, state=state)
+        accelerator.print(f"Resumed from {resume} at step {state.global_step}")
+    # purge_step: after a resume, TensorBoard discards events logged past the checkpoint (no duplicate steps).
+    accelerator.init_trackers("tensorboard", config=_hparams(*configs),
+                              init_kwargs={"tensorboard": {"purge_step": state.global_step or None}})
+    return scheduler, state, max_steps
+
+
+def _hparams(*configs) -> dict:
+    """TensorBoard hparams accept scalars and strings only; secrets never leave `resolved_config`."""
+    from .config import resolved_config
+
+    return {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v))
+            for k, v in resolved_config(*configs).items()}
+
+
 # --------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate(accelerator: Accelerator, model, dataloader, step_fn: Callable) -> dict[str, float]:
@@ -206,7 +268,10 @@ def evaluate(accelerator: Accelerator, model, dataloader, step_fn: Callable) -> 
             if value.dim() == 1:  # per-example metrics; scalars are per-batch statistics, skipped here
                 gathered.setdefault(key, []).append(accelerator.gather_for_metrics(value.detach().float()))
     model.train(was_training)
-    return {key: torch.cat(values).mean().item() for key, values in gathered.items()}
+    metrics = {key: torch.cat(values).mean().item() for key, values in gathered.items()}
+    # A step may derive metrics that are no mean of per-example values (SFT: token-weighted loss, perplexity).
+    finish = getattr(step_fn, "finish_eval", None)
+    return finish(metrics) if finish is not None else metrics
 
 
 # ------------------------------------------------------------------------------------------------- the loop

@@ -19,14 +19,13 @@ Writes into --output_dir: the model (safetensors) and tokenizer, config.yaml, tr
 logs/ (TensorBoard: train/* and eval/* scalars) and checkpoints/ (with --save_steps).
 """
 
-from dpo_core.config import DataArguments, DPOArguments, ModelArguments, TrainArguments, parse_config, run_cli
+from dpo_core.config import DPOConfig, parse_config, run_cli
 from dpo_core.dpo import train_dpo
 
 
 def main(argv=None):
-    model_args, data_args, dpo_args, train_args = parse_config(
-        (ModelArguments, DataArguments, DPOArguments, TrainArguments), argv, description=__doc__)
-    train_dpo(model_args, data_args, dpo_args, train_args)
+    (config,) = parse_config((DPOConfig,), argv, description=__doc__)
+    train_dpo(config)
 
 
 if __name__ == "__main__":
