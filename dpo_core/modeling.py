@@ -59,7 +59,12 @@ def load_model(name_or_path: str, *, torch_dtype: str = "float32", attn_implemen
 
 
 def load_model_and_tokenizer(model_args, *, trainable: bool = True, name_or_path: str | None = None):
-    """Model and tokenizer from a `ModelArguments` (`name_or_path` overrides the model path, e.g. the reference)."""
+    """Model and tokenizer from a `ModelArguments` (or any config with its fields), or from a path with the
+    defaults: `load_model_and_tokenizer("runs/sft")`. `name_or_path` overrides the model path (the reference)."""
+    if isinstance(model_args, (str, Path)):
+        from .config import ModelArguments
+
+        model_args = ModelArguments(model_name_or_path=str(model_args))
     path = name_or_path or model_args.model_name_or_path
     if not path:
         raise ValueError("--model_name_or_path is required")
