@@ -22,8 +22,11 @@ from typing import Callable
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration
+from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from .config import resolved_config, save_config
 
 logger = get_logger(__name__)
 
@@ -205,10 +208,6 @@ def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
 def start_run(train_args, *configs) -> tuple[Accelerator, Path]:
     """The start of every training run: the Accelerator, the seed, a checked `output_dir` and the resolved
     config (`configs`: the dataclasses to write into `config.yaml`). Returns `(accelerator, output_dir)`."""
-    from accelerate.utils import set_seed
-
-    from .config import save_config
-
     if not train_args.output_dir:
         raise ValueError("--output_dir is required")
     accelerator = build_accelerator(train_args)
@@ -229,8 +228,6 @@ def schedule_and_resume(accelerator: Accelerator, optimizer, train_args, batches
     Call after `accelerator.prepare` (the checkpoint holds the prepared model and optimizer).
     Returns `(scheduler, state, max_steps)`.
     """
-    from transformers import get_scheduler
-
     max_steps = total_steps(train_args, batches_per_epoch)
     warmup = train_args.warmup_steps or math.ceil(train_args.warmup_ratio * max_steps)
     scheduler = get_scheduler(train_args.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
@@ -248,8 +245,6 @@ def schedule_and_resume(accelerator: Accelerator, optimizer, train_args, batches
 
 def _hparams(*configs) -> dict:
     """TensorBoard hparams accept scalars and strings only; secrets never leave `resolved_config`."""
-    from .config import resolved_config
-
     return {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v))
             for k, v in resolved_config(*configs).items()}
 
@@ -288,7 +283,7 @@ def train_loop(accelerator: Accelerator, model, optimizer, scheduler, train_load
 
     `model`, `optimizer`, `train_loader` and `eval_loader` are already `accelerator.prepare`d. The
     scheduler is stepped here once per optimizer step (not prepared: accelerate would step it once per
-    process). Resume state must be loaded before the call (see `dpo_core.dpo`).
+    process). Resume state must be loaded before the call (`schedule_and_resume`).
     """
     state = state or TrainState()
     window, params = MetricWindow(), [p for p in model.parameters() if p.requires_grad]

@@ -42,7 +42,7 @@ def test_nan_loss_is_skipped_logged_and_leaves_weights_bitwise_unchanged(tiny_mo
     data = small_dataset(tmp_path / "data", n_train=8, n_test=4)
     monkeypatch.setattr(dpo_module, "dpo_loss", nan_on_calls({1}))
     out = tmp_path / "run"
-    dpo_module.train_dpo(*configs(tiny_model_dir, data, out, "--max_steps", "1"))
+    dpo_module.run_dpo(*configs(tiny_model_dir, data, out, "--max_steps", "1"))
     before, after = load_weights(tiny_model_dir), load_weights(out)
     assert before.keys() == after.keys()
     for key in before:
@@ -57,7 +57,7 @@ def test_a_skipped_step_does_not_change_the_other_updates(tiny_model_dir, tmp_pa
     data = small_dataset(tmp_path / "data", n_train=16, n_test=4)
     monkeypatch.setattr(dpo_module, "dpo_loss", nan_on_calls({2}))
     out = tmp_path / "run"
-    dpo_module.train_dpo(*configs(tiny_model_dir, data, out, "--max_steps", "3"))
+    dpo_module.run_dpo(*configs(tiny_model_dir, data, out, "--max_steps", "3"))
     weights = load_weights(out)
     assert all(torch.isfinite(w).all() for w in weights.values())
     assert any(not torch.equal(weights[k], w) for k, w in load_weights(tiny_model_dir).items())
@@ -70,7 +70,7 @@ def test_consecutive_nonfinite_steps_stop_the_run(tiny_model_dir, tmp_path, monk
     data = small_dataset(tmp_path / "data", n_train=16, n_test=4)
     monkeypatch.setattr(dpo_module, "dpo_loss", nan_on_calls(set(range(1, 100))))
     with pytest.raises(NonFiniteError, match="2 optimizer steps in a row"):
-        dpo_module.train_dpo(*configs(tiny_model_dir, data, tmp_path / "run", "--max_steps", "5",
+        dpo_module.run_dpo(*configs(tiny_model_dir, data, tmp_path / "run", "--max_steps", "5",
                                       "--max_consecutive_nonfinite", "2"))
     assert not (tmp_path / "run" / "model.safetensors").exists()
 
