@@ -163,9 +163,11 @@ def train_dpo(model_args, data_args, dpo_args, train_args) -> dict:
     if resume is not None:
         load_checkpoint(accelerator, resume, scheduler=scheduler, state=state)
         accelerator.print(f"Resumed from {resume} at step {state.global_step}")
-    # purge_step: after a resume, TensorBoard discards events logged past the checkpoint (no duplicate steps).
+    # purge_step: after a resume at step k, TensorBoard discards events an earlier attempt logged past k (it
+    # may have run on after the checkpoint before being killed): no duplicate steps, step k itself kept.
     accelerator.init_trackers("tensorboard", config=_hparams(model_args, data_args, dpo_args, train_args),
-                              init_kwargs={"tensorboard": {"purge_step": state.global_step or None}})
+                              init_kwargs={"tensorboard": {"purge_step": state.global_step + 1
+                                                           if state.global_step else None}})
 
     step_fn = make_dpo_step(dpo_args, forward=FORWARDS[train_args.forward_mode], ref_model=ref_model)
     metrics = train_loop(accelerator, model, optimizer, scheduler, train_loader, step_fn, train_args,
