@@ -201,7 +201,8 @@ def run_cli(main, argv=None) -> None:
             raise
         from .training import PREEMPTED_EXIT_CODE
 
-        print(str(stopped), flush=True)
+        if os.environ.get("RANK", "0") == "0":  # once per run, not once per process
+            print(str(stopped), flush=True)
         sys.exit(PREEMPTED_EXIT_CODE)
 
 
