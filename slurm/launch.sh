@@ -28,9 +28,8 @@ for f in "$SCRIPT" "$ACCELERATE_CONFIG"; do
     [[ -f $f ]] || { echo "launch.sh: $f not found (submit from the dpo_core checkout, or cd there)" >&2; exit 2; }
 done
 if [[ $PREEMPTIBLE == 1 && " $* " != *" --resume_from_checkpoint "* ]]; then
-    echo "launch.sh: pass --resume_from_checkpoint latest, or a requeued job would start over (or refuse" \
-         "its own output_dir); PREEMPTIBLE=0 turns requeueing off" >&2
-    exit 2
+    echo "launch.sh: WARNING: no --resume_from_checkpoint on the command line; unless the --config file sets" \
+         "it to latest, a requeued job refuses its own output_dir (PREEMPTIBLE=0 turns requeueing off)" >&2
 fi
 
 # Rendezvous on the first node, by its address (`scontrol show node`'s NodeAddr): its name may not resolve
