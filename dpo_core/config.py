@@ -169,6 +169,10 @@ class TrainArguments:
     report_to: str = field(default="tensorboard", metadata={"help": "tensorboard | none."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
     forward_mode: str = field(default="concat", metadata={"help": "Batch layout of the forward: concat."})
+    log_example_ids: bool = field(
+        default=False,
+        metadata={"help": "Audit the data order: append each micro-batch's example ids (per rank, with step, epoch "
+                  "and position) to output_dir/example_ids/rank{R}.jsonl."})
 
     def __post_init__(self):
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
@@ -216,7 +220,8 @@ class SFTConfig(TrainArguments, DataArguments, ModelArguments):
 
 def run_cli(main, argv=None) -> None:
     """Runs a script's `main`; a user error (bad flag, bad data, stale cache, existing run directory) ends
-    with its message and exit code 1 instead of a traceback. `DPO_CORE_TRACEBACK=1` shows the traceback."""
+    with its message and exit code 1 instead of a traceback. `DPO_CORE_TRACEBACK=1` shows the traceback.
+    A run stopped by SIGTERM/SIGUSR1 after committing its checkpoint exits with `PREEMPTED_EXIT_CODE`."""
     try:
         main(argv)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as error:
@@ -224,6 +229,14 @@ def run_cli(main, argv=None) -> None:
             raise
         print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(1)
+    except Exception as stopped:  # noqa: BLE001 - only the preemption stop is handled here
+        if type(stopped).__name__ != "TrainingPreempted":
+            raise
+        from .training import PREEMPTED_EXIT_CODE
+
+        if os.environ.get("RANK", "0") == "0":  # once per run, not once per process
+            print(str(stopped), flush=True)
+        sys.exit(PREEMPTED_EXIT_CODE)
 
 
 # By name, so that this module does not import the data, cache and loop modules.

@@ -10,10 +10,13 @@ through `Accelerator`.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -146,8 +149,10 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
     """
     final = checkpoint_dir(output_dir) / f"checkpoint-{step}"
     tmp = final.with_name(final.name + ".tmp")
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
+    if accelerator.is_main_process:  # leftovers of a save killed midway (never counted: no marker)
+        for stale in checkpoint_dir(output_dir).glob("checkpoint-*"):
+            if stale.is_dir() and not (stale / COMPLETE).exists():
+                shutil.rmtree(stale)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
@@ -175,12 +180,18 @@ def load_checkpoint(accelerator: Accelerator, path: str | Path, *, scheduler, st
 
 
 def prepare_output_dir(accelerator: Accelerator, output_dir: str | Path, *, overwrite: bool, resume: str | None):
-    """Refuses to mix a new run into an earlier one's logs and checkpoints, unless told to replace or resume."""
+    """Refuses to mix a new run into an earlier one's logs and checkpoints, unless told to replace or resume.
+
+    `--resume_from_checkpoint latest` with no complete checkpoint yet (an attempt stopped before its first
+    commit) starts afresh: the earlier attempt's logs and example-id logs are removed, so that one command
+    serves the first start and every restart.
+    """
     output_dir = Path(output_dir)
-    earlier = [output_dir / name for name in ("logs", "checkpoints", "train_results.json")
+    earlier = [output_dir / name for name in ("logs", "checkpoints", "train_results.json", EXAMPLE_IDS)
                if (output_dir / name).exists()]
-    if earlier and not resume:
-        if not overwrite:
+    fresh_restart = resume == "latest" and not complete_checkpoints(output_dir)
+    if earlier and (not resume or fresh_restart):
+        if not overwrite and not fresh_restart:
             raise FileExistsError(f"{output_dir} holds an earlier run ({', '.join(p.name for p in earlier)}): pass "
                                   "--overwrite_output_dir to replace it, or --resume_from_checkpoint latest to "
                                   "continue it")
@@ -237,9 +248,11 @@ def schedule_and_resume(accelerator: Accelerator, optimizer, train_args, batches
     if resume is not None:
         load_checkpoint(accelerator, resume, scheduler=scheduler, state=state)
         accelerator.print(f"Resumed from {resume} at step {state.global_step}")
-    # purge_step: after a resume, TensorBoard discards events logged past the checkpoint (no duplicate steps).
+    # purge_step: after a resume at step k, TensorBoard discards events an earlier attempt logged past k (it
+    # may have run on after the checkpoint before being killed): no duplicate steps, step k itself kept.
     accelerator.init_trackers("tensorboard", config=_hparams(*configs),
-                              init_kwargs={"tensorboard": {"purge_step": state.global_step or None}})
+                              init_kwargs={"tensorboard": {"purge_step": state.global_step + 1
+                                                           if state.global_step else None}})
     return scheduler, state, max_steps
 
 
@@ -277,15 +290,34 @@ def total_steps(train_args, batches_per_epoch: int) -> int:
     return max(1, math.ceil(steps_per_epoch * train_args.num_train_epochs))
 
 
+def handles_stop_signals(loop):
+    """Runs `loop` with SIGTERM/SIGUSR1 handlers installed (restored after) unless the caller passes `stop`."""
+    @functools.wraps(loop)
+    def wrapper(*args, stop: StopSignals | None = None, **kwargs):
+        if stop is not None:
+            return loop(*args, stop=stop, **kwargs)
+        with StopSignals() as stop:
+            return loop(*args, stop=stop, **kwargs)
+    return wrapper
+
+
+@handles_stop_signals
 def train_loop(accelerator: Accelerator, model, optimizer, scheduler, train_loader, step_fn: Callable, train_args,
-               *, eval_loader=None, max_steps: int, state: TrainState | None = None) -> dict[str, float]:
+               *, eval_loader=None, max_steps: int, state: TrainState | None = None,
+               stop: StopSignals | None = None) -> dict[str, float]:
     """Runs optimizer steps until `max_steps`; returns the last logged train metrics and eval metrics.
 
     `model`, `optimizer`, `train_loader` and `eval_loader` are already `accelerator.prepare`d. The
     scheduler is stepped here once per optimizer step (not prepared: accelerate would step it once per
     process). Resume state must be loaded before the call (`schedule_and_resume`).
+
+    SIGTERM or SIGUSR1 (`stop`; installed for the loop's duration when not given) ends the run at the next
+    optimizer-step boundary: every rank agrees, a complete checkpoint is saved, trackers end, and
+    `TrainingPreempted` is raised (the scripts then exit with `PREEMPTED_EXIT_CODE`).
     """
     state = state or TrainState()
+    ids_log = open_example_ids_log(accelerator, train_args.output_dir, state.global_step) \
+        if getattr(train_args, "log_example_ids", False) else None
     window, params = MetricWindow(), [p for p in model.parameters() if p.requires_grad]
     logs: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
@@ -304,6 +336,8 @@ def train_loop(accelerator: Accelerator, model, optimizer, scheduler, train_load
             if state.batches_in_epoch else train_loader
         for batch in loader:
             state.batches_in_epoch += 1
+            if ids_log is not None:
+                log_example_ids(ids_log, batch, state)
             with accelerator.accumulate(model):
                 with accelerator.autocast():
                     loss, stats = step_fn(model, batch)
@@ -315,7 +349,8 @@ def train_loop(accelerator: Accelerator, model, optimizer, scheduler, train_load
                 tokens += batch["num_tokens"]
             if not accelerator.sync_gradients:
                 continue
-            grad_norm, skipped = apply_update(accelerator, optimizer, scheduler, params, bad, state, train_args)
+            grad_norm, skipped = apply_update(accelerator, optimizer, scheduler, params, bad, state, train_args,
+                                              stop=stop)
             bad.zero_()
             bar.update(1)
             if not skipped:  # a skipped step has no meaningful gradient norm to log
@@ -337,12 +372,17 @@ def train_loop(accelerator: Accelerator, model, optimizer, scheduler, train_load
             if train_args.save_steps and step % train_args.save_steps == 0:
                 save_checkpoint(accelerator, train_args.output_dir, step, train_args.save_total_limit,
                                 scheduler=scheduler, state=state)
+            if stop.agreed and step < max_steps:  # at the last step, finishing is the better checkpoint
+                bar.close()
+                stop_preempted(accelerator, train_args, scheduler, state, ids_log)
             if step >= max_steps:
                 break
         else:  # the epoch ran out before max_steps
             state.epoch += 1
             state.batches_in_epoch = 0
     bar.close()
+    if ids_log is not None:
+        ids_log.close()
     if eval_loader is not None and (not train_args.eval_steps or state.global_step % train_args.eval_steps):
         eval_metrics = evaluate(accelerator, model, eval_loader, step_fn)
         accelerator.log({f"eval/{k}": v for k, v in eval_metrics.items()}, step=state.global_step)
@@ -352,16 +392,22 @@ def train_loop(accelerator: Accelerator, model, optimizer, scheduler, train_load
 
 
 def apply_update(accelerator: Accelerator, optimizer, scheduler, params, bad: torch.Tensor, state: TrainState,
-                 train_args) -> tuple[torch.Tensor, bool]:
+                 train_args, *, stop: StopSignals | None = None) -> tuple[torch.Tensor, bool]:
     """Clips and steps, unless the loss (flagged in `bad`) or the gradient norm is non-finite on any rank.
 
     A skipped step changes nothing: weights, optimizer moments and schedule stay put. Returns
     `(grad_norm, skipped)`; raises `NonFiniteError` after `max_consecutive_nonfinite` skips in a row.
+    With `stop`, sets `stop.agreed` when a stop signal reached any rank.
     """
     grad_norm = grad_norm_and_clip(accelerator, params, train_args.max_grad_norm)
     bad = torch.maximum(bad, (~torch.isfinite(grad_norm)).float())
-    # Every rank must take the same decision: reduce the flag (one small all-reduce per step).
-    skipped = accelerator.reduce(bad, reduction="sum").item() > 0
+    # Every rank must take the same decisions: the non-finite flag and the stop request travel in one small
+    # all-reduce per step (a signal may reach the ranks on either side of a step boundary).
+    requested = torch.full_like(bad, float(stop is not None and stop.requested))
+    n_bad, n_stop = accelerator.reduce(torch.stack([bad, requested]), reduction="sum").tolist()
+    skipped = n_bad > 0
+    if stop is not None:
+        stop.agreed = n_stop > 0
     if skipped:
         state.skipped_steps += 1
         state.consecutive_nonfinite += 1
@@ -390,3 +436,91 @@ def grad_norm_and_clip(accelerator: Accelerator, params, max_grad_norm: float) -
     if not grads:
         return torch.zeros((), device=accelerator.device)
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+
+
+# ----------------------------------------------------------------------------------------------- preemption
+# A preempted run exits with this status once its checkpoint is committed. Not a failure code on purpose:
+# accelerate's launcher (torchrun) reports any non-zero worker status as a crash, stops the other ranks and
+# exits 1 itself. The Slurm templates know they asked for the stop, and requeue on 0 (see slurm/launch.sh).
+# A preempted run differs from a finished one by its output: no train_results.json, no final model.
+PREEMPTED_EXIT_CODE = 0
+
+
+class TrainingPreempted(Exception):
+    """Raised by `train_loop` after a stop signal, once the checkpoint of `step` is committed."""
+
+    def __init__(self, step: int, checkpoint: Path):
+        super().__init__(f"preempted: stopped at step {step}, checkpoint {checkpoint} committed; run the same "
+                         "command with --resume_from_checkpoint latest to continue")
+        self.step, self.checkpoint = step, checkpoint
+
+
+class StopSignals:
+    """SIGTERM and SIGUSR1 set `requested` (the handler only sets a flag: it may run between any two
+    bytecodes, in the middle of a collective or a save). `agreed` is what all ranks decided at the last step.
+
+    Use as a context manager in the main thread; the previous handlers come back on exit. SIGTERM is what
+    schedulers send before a kill (Slurm preemption, `scancel`, the time limit); SIGUSR1 what
+    `#SBATCH --signal` is usually set to.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.requested, self.agreed, self.signum = False, False, None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame):
+        self.requested, self.signum = True, signum
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # signal.signal works there only
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+
+def stop_preempted(accelerator: Accelerator, train_args, scheduler, state: TrainState, ids_log) -> None:
+    """Commits a checkpoint of this step boundary (unless `save_steps` just did), ends the trackers and
+    the process group, and raises `TrainingPreempted`."""
+    step = state.global_step
+    path = checkpoint_dir(train_args.output_dir) / f"checkpoint-{step}"
+    if not (train_args.save_steps and step % train_args.save_steps == 0):
+        path = save_checkpoint(accelerator, train_args.output_dir, step, train_args.save_total_limit,
+                               scheduler=scheduler, state=state)
+    if ids_log is not None:
+        ids_log.close()
+    accelerator.print(f"Stop signal received: checkpoint of step {step} committed at {path}; exiting.", flush=True)
+    accelerator.end_training()
+    raise TrainingPreempted(step, path)
+
+
+# ------------------------------------------------------------------------------------------ data-order audit
+EXAMPLE_IDS = "example_ids"
+
+
+def open_example_ids_log(accelerator: Accelerator, output_dir: str | Path, global_step: int):
+    """`output_dir/example_ids/rank{R}.jsonl`, appended and flushed per line. On resume, the lines of steps
+    after the checkpoint (written by an attempt killed later) are dropped first: the file then lists what
+    produced the final weights, each step once."""
+    path = Path(output_dir) / EXAMPLE_IDS / f"rank{accelerator.process_index}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines(keepends=True)
+                if line.endswith("\n") and json.loads(line)["step"] <= global_step]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+    return path.open("a", buffering=1)  # line-buffered: a killed run loses no complete line
+
+
+def log_example_ids(file, batch: dict, state: TrainState) -> None:
+    """One line per micro-batch: `{"step", "epoch", "micro_batch" (index in the epoch), "ids"}`."""
+    if "ids" not in batch:
+        raise ValueError("--log_example_ids needs batches with an `ids` field (the example ids)")
+    file.write(json.dumps({"step": state.global_step + 1, "epoch": state.epoch,
+                           "micro_batch": state.batches_in_epoch - 1, "ids": batch["ids"].tolist()}) + "\n")

@@ -9,3 +9,21 @@ from dpo_core.demo import build_tiny_model
 def tiny_model_dir(tmp_path_factory):
     """A directory with the tiny demo model and tokenizer (`from_pretrained`-ready)."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def resume_data(tmp_path_factory):
+    """48 training pairs (6 optimizer steps per epoch in `helpers.resume_args`)."""
+    from helpers import small_dataset
+
+    return small_dataset(tmp_path_factory.mktemp("resume-data"), n_train=48, n_test=8)
+
+
+@pytest.fixture(scope="session")
+def resume_reference(tiny_model_dir, resume_data, tmp_path_factory):
+    """The uninterrupted 2-process run that interrupted runs must reproduce."""
+    from helpers import resume_args, run_script
+
+    out = tmp_path_factory.mktemp("resume-reference") / "run"
+    run_script("dpo.py", resume_args(tiny_model_dir, resume_data, out), processes=2)
+    return out

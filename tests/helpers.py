@@ -84,3 +84,43 @@ def small_dataset(path: Path, n_train: int = 32, n_test: int = 16) -> Path:
         lines = (DEMO_DATA / f"{split}.jsonl").read_text().splitlines(keepends=True)[:n]
         (path / f"{split}.jsonl").write_text("".join(lines))
     return path
+
+
+def read_scalars_as_shown(logdir: str | Path) -> dict[str, dict[int, float]]:
+    """The scalars TensorBoard shows: each directory's event files read in order by one accumulator, which
+    applies `purge_step` (a resumed run discards what a killed attempt logged past its checkpoint).
+    Asserts that no step is shown twice."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, dict[int, float]] = {}
+    dirs = sorted({f.parent for f in Path(logdir).rglob("events.out.tfevents.*")})
+    assert dirs, f"no TensorBoard event files under {logdir}"
+    for directory in dirs:
+        acc = EventAccumulator(str(directory), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            steps = [event.step for event in acc.Scalars(tag)]
+            assert len(steps) == len(set(steps)), f"{tag}: steps shown twice in {directory}: {steps}"
+            for event in acc.Scalars(tag):
+                assert event.step not in out.get(tag, {}), f"duplicate step {event.step} for {tag}"
+                out.setdefault(tag, {})[event.step] = event.value
+    return out
+
+
+def read_example_ids(run_dir: str | Path) -> dict[int, list[dict]]:
+    """`--log_example_ids` lines per rank: {rank: [{"step", "epoch", "micro_batch", "ids"}, ...]}."""
+    files = sorted((Path(run_dir) / "example_ids").glob("rank*.jsonl"))
+    assert files, f"no example_ids/rank*.jsonl under {run_dir}"
+    return {int(f.stem[len("rank"):]): [json.loads(line) for line in f.read_text().splitlines()] for f in files}
+
+
+# The resumable run shared by the preemption and Slurm tests: 2 processes x 2 pairs x 2 micro-batches per
+# step (8 pairs), 48 training pairs: 6 steps per epoch, 8 steps in all (the run crosses an epoch boundary).
+RESUME_STEPS, RESUME_STEPS_PER_EPOCH = 8, 6
+
+
+def resume_args(model, data, out, *extra) -> list[str]:
+    return ["--model_name_or_path", str(model), "--dataset_name", str(data), "--output_dir", str(out),
+            "--max_length", "64", "--learning_rate", "5e-3", "--logging_steps", "1", "--seed", "5",
+            "--max_steps", str(RESUME_STEPS), "--per_device_train_batch_size", "2",
+            "--gradient_accumulation_steps", "2", "--log_example_ids", "--resume_from_checkpoint", "latest", *extra]
