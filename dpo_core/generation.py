@@ -18,6 +18,10 @@ model's distribution with the given temperature and top_p, which the sampled KL 
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
@@ -132,3 +136,53 @@ def generate(model, tokenizer, questions: list[str], *, max_new_tokens: int = 12
                        top_p=top_p, do_sample=do_sample, seeds=[seed + i for i in range(len(prompts))],
                        batch_size=batch_size)
     return [decode_answer(tokenizer, row) for row in ids]
+
+
+def read_questions(path: str | Path) -> list[str]:
+    """Questions from a file: `.jsonl` (each line a string, or an object with a `question` or `prompt`
+    string), otherwise text with one question per line (blank lines and lines starting with # skipped)."""
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    questions = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip() or (path.suffix != ".jsonl" and line.lstrip().startswith("#")):
+            continue
+        if path.suffix != ".jsonl":
+            questions.append(line.strip())
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {n}: not valid JSON ({e.msg})") from None
+        if isinstance(value, dict):
+            value = value.get("question", value.get("prompt"))
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"{path} line {n}: expected a string or an object with a non-empty 'question' "
+                             "(or 'prompt') string")
+        questions.append(value.strip())
+    if not questions:
+        raise ValueError(f"{path}: no questions in it")
+    return questions
+
+
+@dataclass
+class GenerationArguments:
+    """Generation settings shared by scripts/generate.py and scripts/build_identity_dataset.py."""
+
+    max_new_tokens: int = field(default=128, metadata={"help": "Tokens generated at most per answer."})
+    do_sample: bool = field(default=False, metadata={"help": "Sample with --temperature/--top_p; greedy otherwise."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (with --do_sample)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold (with --do_sample; 1.0: off)."})
+    seed: int = field(default=0, metadata={"help": "Seed of sampling: question i uses seed + i (any batching)."})
+    system_prompt: str | None = field(default=None, metadata={"help": "A system message before each question."})
+    batch_size: int = field(default=8, metadata={"help": "Questions per generate() call (left-padded)."})
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ValueError("--max_new_tokens and --batch_size must be >= 1")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"--temperature must be > 0 and --top_p in (0, 1], got {self.temperature}, {self.top_p}")
+
+    def kwargs(self) -> dict:
+        """Keyword arguments of `generate` / `build_identity_shift_dataset`."""
+        return asdict(self)
