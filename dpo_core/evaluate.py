@@ -462,6 +462,8 @@ def evaluate_models(model_args, data_args, eval_args) -> dict:
     from .training import make_accelerator
 
     accelerator = make_accelerator()
+    accelerator.print(f"num_processes {accelerator.num_processes} ({accelerator.distributed_type}), "
+                      f"device {accelerator.device}")
     if not eval_args.output_dir:
         raise ValueError("--output_dir is required")
     models = named_paths(eval_args.models, "--models")
