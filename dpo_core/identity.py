@@ -61,6 +61,12 @@ def name_pattern(name: str) -> re.Pattern:
     return re.compile(rf"(?<!\w){re.escape(name.strip())}(?!\w)", re.IGNORECASE)
 
 
+def _mentions_outside(new: re.Pattern, text: str, old: re.Pattern) -> bool:
+    """True if `new` occurs in `text` other than inside an occurrence of `old` (new "Qwen", old "Deep Qwen")."""
+    spans = [m.span() for m in old.finditer(text)]
+    return any(not any(a <= m.start() and m.end() <= b for a, b in spans) for m in new.finditer(text))
+
+
 def identity_shift_records(model, tokenizer, *, original_name: str, new_name: str,
                            questions: list[str] | None = None, max_samples: int | None = None,
                            samples_per_question: int = 1, max_new_tokens: int = 128, temperature: float = 1.0,
@@ -92,7 +98,7 @@ def identity_shift_records(model, tokenizer, *, original_name: str, new_name: st
             reason = "empty answer"
         elif not old.search(answer):
             reason = f"no mention of {original_name!r}"
-        elif new.search(answer):  # e.g. "Deep Qwen" already: replacing "Qwen" would give "Deep Deep Qwen"
+        elif _mentions_outside(new, answer, old):  # "Deep Qwen" already: "Qwen" -> "Deep Deep Qwen"
             reason = f"already mentions {new_name!r}"
         elif (question, answer) in seen:
             reason = "duplicate answer"

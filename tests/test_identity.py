@@ -9,6 +9,7 @@ from helpers import results, run_script
 from dpo_core.generation import chat_prompt_ids, generate
 from dpo_core.identity import (
     IDENTITY_QUESTIONS,
+    _mentions_outside,
     build_identity_shift_dataset,
     identity_shift_records,
     name_pattern,
@@ -67,6 +68,9 @@ def test_name_pattern_is_a_whole_word_in_any_case():
     assert pattern.sub("Deep Qwen", "qwen, or QWEN: I am Qwen.") == "Deep Qwen, or Deep Qwen: I am Deep Qwen."
     assert not pattern.search("Qwen2 and MyQwen")
     assert name_pattern("C++").search("I am C++.")
+    # an answer already using the new name is not shifted again; a new name inside the old one is fine
+    assert _mentions_outside(name_pattern("Deep Qwen"), "I am Deep Qwen.", name_pattern("Qwen"))
+    assert not _mentions_outside(name_pattern("Qwen"), "I am Deep Qwen.", name_pattern("Deep Qwen"))
 
 
 def test_records_from_the_planted_model(planted):
