@@ -30,7 +30,7 @@ def test_module_imports_without_side_effects(name):
 def test_script_help_runs(script):
     proc = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
-    assert "--output_dir" in proc.stdout or "output_dir" in proc.stdout
+    assert "output_dir" in proc.stdout or "--output_file" in proc.stdout
 
 
 def test_every_config_field_has_help():

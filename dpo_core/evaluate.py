@@ -1,0 +1,608 @@
+"""Held-out evaluation of one or more policies against a reference model.
+
+`evaluate_models(model_args, data_args, eval_args)` is the whole of `scripts/evaluate.py`. For every
+policy, on the held-out preference split tokenized exactly as `scripts/dpo.py` tokenizes it:
+
+- preference accuracy of the implicit reward `beta * log(pi / ref)` (`losses.preference_metrics`, margins
+  within `dpo.tie_tolerance` counted as ties: strict accuracy, ties, accuracy with ties as half);
+- the reward margin `beta * ((pc - rc) - (pr - rr))` per pair: mean, std, quantiles, histogram;
+- perplexity on the chosen completions: `exp(sum NLL / number of tokens)` over ALL chosen completion tokens
+  of the split (token-weighted, not a mean of per-pair perplexities; the tokens are those the log-probs
+  count, the chat template's end-of-turn tokens included);
+- KL(policy || reference), token level: the mean over all chosen completion tokens of the exact
+  full-vocabulary `sum_v p_v log(p_v / q_v)` of the next-token distributions (teacher-forced on the data);
+- KL(policy || reference), sequence level: `mean log pi(y|x) - log ref(y|x)` over completions `y` sampled
+  from the policy (temperature 1, no top-p/top-k: the model's own distribution, cut at `max_new_tokens`) on
+  held-out prompts; its standard error is computed over prompts (samples of one prompt are correlated);
+- answers of every model and of the reference to a few held-out prompts, and with a reward model
+  (`AutoModelForSequenceClassification`, one label) the win rate of each model's answer against the
+  reference's answer to the same prompt (ties apart: equal answers, or scores equal to float32 noise).
+
+Several processes (`accelerate launch`): pairs are sharded by accelerate's dataloader and gathered with
+`gather_for_metrics` (the padding of the last batch is dropped); prompts for sampling are split between
+processes and gathered with `gather_object`; metrics are computed once, on the main process. Every sampled
+completion has its own generator seeded from (`--seed`, example id, sample index), so samples do not depend
+on the number of processes or the batch size (up to float noise of differently padded batches).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from . import data as data_lib
+from .dpo import tie_tolerance
+from .generation import decode_answer, generate_ids
+from .logps import FORWARDS
+from .losses import preference_metrics
+from .modeling import load_model, load_tokenizer
+
+REFERENCE = "reference"
+QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
+CURVE_TAGS = ("train/loss", "train/rewards/accuracies", "train/rewards/margins", "eval/loss",
+              "eval/rewards/accuracies", "eval/rewards/margins")
+
+
+@dataclass
+class EvalArguments:
+    models: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Models to evaluate: directories or hub names, each optionally NAME=PATH "
+                  "(e.g. sft=runs/sft dpo=runs/dpo). Every model must use the reference's tokenizer."})
+    reference_model: str | None = field(
+        default=None,
+        metadata={"help": "The reference of the implicit reward and of the KL; default: --ref_model_name_or_path, "
+                  "else --model_name_or_path (the reference dpo.py trains against)."})
+    output_dir: str | None = field(
+        default=None, metadata={"help": "Where results.json, generation_samples.json and the PNG go (required)."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an earlier results.json in --output_dir."})
+    beta: float = field(default=0.1, metadata={"help": "beta of the implicit reward beta * log(pi / ref)."})
+    per_device_eval_batch_size: int = field(default=16, metadata={"help": "Pairs per process per forward."})
+    kl_samples: int = field(
+        default=4, metadata={"help": "Completions sampled per prompt for the sequence-level KL (0: skip it)."})
+    kl_max_prompts: int | None = field(
+        default=64, metadata={"help": "Held-out prompts (the first by id) for the sampled KL; None: all."})
+    max_new_tokens: int = field(
+        default=64, metadata={"help": "Tokens generated at most per answer (samples, win rate, KL)."})
+    generation_prompts: int = field(
+        default=8,
+        metadata={"help": "Held-out prompts (the first by id) every model and the reference answer, for "
+                  "generation_samples.json and the win rate; 0: none, -1: all."})
+    do_sample: bool = field(
+        default=False, metadata={"help": "Sample the answers (--temperature, --top_p); greedy otherwise."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the answers."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling of the answers (1.0: off)."})
+    generation_batch_size: int = field(default=16, metadata={"help": "Prompts per generate() call."})
+    reward_model: str | None = field(
+        default=None,
+        metadata={"help": "An AutoModelForSequenceClassification with one label: scores the answers for the "
+                  "win rate against the reference. Its own tokenizer and chat template are used."})
+    run_dirs: list[str] | None = field(
+        default=None,
+        metadata={"help": "Training run directories (NAME=PATH allowed): their TensorBoard curves go into the "
+                  "PNG and results.json."})
+    seed: int = field(
+        default=42, metadata={"help": "Seed of sampling, and of the --eval_fraction carve-out (use the training "
+                              "run's seed to get its held-out pairs)."})
+    plot_file: str = field(default="evaluation.png", metadata={"help": "PNG file name inside --output_dir."})
+    histogram_bins: int = field(default=30, metadata={"help": "Bins of the reward-margin histograms."})
+
+    def __post_init__(self):
+        if isinstance(self.models, str):
+            self.models = [self.models]
+        if self.beta <= 0:
+            raise ValueError(f"--beta must be > 0, got {self.beta}")
+        for name in ("per_device_eval_batch_size", "max_new_tokens", "generation_batch_size", "histogram_bins"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.kl_samples < 0 or (self.kl_max_prompts is not None and self.kl_max_prompts < 1):
+            raise ValueError("--kl_samples must be >= 0 and --kl_max_prompts >= 1 (or None)")
+        if self.generation_prompts < -1:
+            raise ValueError(f"--generation_prompts must be >= -1, got {self.generation_prompts}")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"--temperature must be > 0 and --top_p in (0, 1], got {self.temperature}, {self.top_p}")
+        if not self.plot_file.endswith(".png"):
+            raise ValueError(f"--plot_file must end in .png, got {self.plot_file!r}")
+
+
+def named_paths(specs: list[str] | None, what: str) -> list[tuple[str, str]]:
+    """`["sft=runs/sft", "runs/dpo"]` -> `[("sft", "runs/sft"), ("dpo", "runs/dpo")]`; names must be unique."""
+    out = []
+    for spec in specs or []:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or "/" in name or os.sep in name:
+            name, path = Path(spec.rstrip("/")).name or spec, spec
+        if not path:
+            raise ValueError(f"{what} {spec!r}: empty path")
+        out.append((name, path))
+    names = [n for n, _ in out]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"{what}: names {dupes} repeat; give NAME=PATH with distinct names")
+    if REFERENCE in names and what == "--models":
+        raise ValueError(f"--models: the name {REFERENCE!r} is the reference's column; choose another")
+    return out
+
+
+def sample_seed(*parts) -> int:
+    """A 63-bit seed from any parts (stable across processes and Python runs, unlike hash())."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+# ---------------------------------------------------------------------------------------------- the math
+class _LogitsTap:
+    """Calls a model and keeps its logits, so the shared forward's logits also serve the token-level KL."""
+
+    def __init__(self, model):
+        self.model, self.logits = model, None
+
+    def __call__(self, **kwargs):
+        out = self.model(**kwargs)
+        self.logits = out.logits
+        return out
+
+
+def token_kl_sums(policy_logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per row, the sum over masked positions of KL(p || q) = sum_v p_v (log p_v - log q_v), exact.
+
+    Args:
+        policy_logits, ref_logits: `[N, T, V]` next-token logits of the two models on the same tokens.
+        mask: `[N, T]`, 1 where the position's prediction counts.
+    Returns:
+        `(N,)` float32; one row at a time, so one `[T, V]` float32 copy exists at once.
+    """
+    sums = []
+    for p_row, q_row, m_row in zip(policy_logits, ref_logits, mask):
+        logp, logq = torch.log_softmax(p_row.float(), -1), torch.log_softmax(q_row.float(), -1)
+        sums.append(((logp.exp() * (logp - logq)).sum(-1) * m_row.float()).sum())
+    return torch.stack(sums)
+
+
+@torch.no_grad()
+def score_pairs(accelerator, policy, ref, loader) -> dict[str, torch.Tensor]:
+    """Log-probs of both models on every held-out pair, gathered once each: `(N,)` tensors on the CPU.
+
+    Keys: ids, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_nll, ref_chosen_nll,
+    chosen_tokens, kl_sum (token-level KL summed over the pair's chosen completion tokens).
+    """
+    forward = FORWARDS["concat"]  # the very forward (and log-prob gather) of training and the precompute
+    parts: dict[str, list[torch.Tensor]] = {}
+    for batch in loader:
+        tap_p, tap_r = _LogitsTap(policy), _LogitsTap(ref)
+        with accelerator.autocast():
+            out, ref_out = forward(tap_p, batch), forward(tap_r, batch)
+        n = out.chosen_logps.shape[0]  # rows 0..n-1 are prompt + chosen
+        mask = (batch["completion_mask"][:n, 1:] * batch["attention_mask"][:n, 1:])
+        kl = token_kl_sums(tap_p.logits[:n, :-1], tap_r.logits[:n, :-1], mask)
+        values = {"ids": batch["ids"], "chosen_logps": out.chosen_logps, "rejected_logps": out.rejected_logps,
+                  "ref_chosen_logps": ref_out.chosen_logps, "ref_rejected_logps": ref_out.rejected_logps,
+                  "chosen_nll": out.chosen_nll, "ref_chosen_nll": ref_out.chosen_nll,
+                  "chosen_tokens": out.chosen_lengths, "kl_sum": kl}
+        for key, value in values.items():
+            value = value.detach() if key in ("ids", "chosen_tokens") else value.detach().float()
+            parts.setdefault(key, []).append(accelerator.gather_for_metrics(value).cpu())
+    return {key: torch.cat(values) for key, values in parts.items()}
+
+
+def pair_metrics(scores: dict[str, torch.Tensor], beta: float) -> tuple[dict, torch.Tensor]:
+    """Accuracy (ties apart), margins, rewards, perplexity and token-level KL from `score_pairs`'s output.
+
+    Returns:
+        (metrics, the `(N,)` float64 reward margins).
+    """
+    s = {k: v.double() for k, v in scores.items()}
+    chosen_rewards = beta * (s["chosen_logps"] - s["ref_chosen_logps"])
+    rejected_rewards = beta * (s["rejected_logps"] - s["ref_rejected_logps"])
+    pm = preference_metrics(chosen_rewards, rejected_rewards,
+                            tie_tolerance(s["chosen_logps"], s["rejected_logps"], beta).double())
+    tokens = s["chosen_tokens"].sum()
+    margins = pm["rewards/margins"]
+    metrics = {
+        "accuracy": pm["rewards/accuracies"].mean().item(),
+        "ties": pm["rewards/ties"].mean().item(),
+        "accuracy_ties_half": pm["rewards/accuracies_ties_half"].mean().item(),
+        "reward_margin": {"mean": margins.mean().item(), "std": margins.std(unbiased=False).item(),
+                          "quantiles": {str(q): torch.quantile(margins, q).item() for q in QUANTILES}},
+        "rewards/chosen": chosen_rewards.mean().item(), "rewards/rejected": rejected_rewards.mean().item(),
+        "logps/chosen": s["chosen_logps"].mean().item(), "logps/rejected": s["rejected_logps"].mean().item(),
+        "perplexity": math.exp(s["chosen_nll"].sum().item() / tokens.item()),
+        "kl_token_level": s["kl_sum"].sum().item() / tokens.item(),
+        "num_pairs": len(margins), "num_chosen_tokens": int(tokens.item()),
+    }
+    return metrics, margins
+
+
+def reference_metrics(scores: dict[str, torch.Tensor]) -> dict:
+    """What is meaningful for the reference alone: its perplexity and log-probs on the same pairs."""
+    s = {k: v.double() for k, v in scores.items()}
+    tokens = s["chosen_tokens"].sum().item()
+    return {"perplexity": math.exp(s["ref_chosen_nll"].sum().item() / tokens),
+            "logps/chosen": s["ref_chosen_logps"].mean().item(),
+            "logps/rejected": s["ref_rejected_logps"].mean().item(), "num_chosen_tokens": int(tokens)}
+
+
+@torch.no_grad()
+def completion_logps(model, prompts: list[list[int]], completions: list[list[int]], *, pad_token_id: int,
+                     batch_size: int) -> torch.Tensor:
+    """log p(completion | prompt) summed over the completion tokens, through the shared concat forward.
+
+    Consecutive items with the same prompt share one `Example` (as its chosen and rejected rows); an
+    unpaired item is duplicated. Returns `(n,)` float64.
+    """
+    examples, slots = [], []  # slots[i] = (example index, 0 for the chosen row or 1 for the rejected row)
+    i = 0
+    while i < len(prompts):
+        pair = i + 1 < len(prompts) and prompts[i + 1] == prompts[i]
+        second = completions[i + 1] if pair else completions[i]
+        examples.append(data_lib.Example(len(examples), list(prompts[i]), list(completions[i]), list(second)))
+        slots.append((len(examples) - 1, 0))
+        if pair:
+            slots.append((len(examples) - 1, 1))
+        i += 2 if pair else 1
+    device = next(model.parameters()).device
+    chosen, rejected = [], []
+    for start in range(0, len(examples), batch_size):
+        batch = data_lib.collate_concat(examples[start: start + batch_size], pad_token_id)
+        out = FORWARDS["concat"](model, {k: v.to(device) for k, v in batch.items()})
+        chosen.append(out.chosen_logps.double().cpu())
+        rejected.append(out.rejected_logps.double().cpu())
+    both = torch.stack([torch.cat(chosen), torch.cat(rejected)], dim=1)
+    return torch.stack([both[e, r] for e, r in slots]) if slots else torch.zeros(0, dtype=torch.float64)
+
+
+def sampled_log_ratios(policy, ref, tokenizer, prompts: list[list[int]], seeds: list[int], *,
+                       max_new_tokens: int, batch_size: int) -> torch.Tensor:
+    """`log pi(y|x) - log ref(y|x)` for one completion `y ~ pi(.|x)` per (prompt, seed): `(n,)` float64.
+
+    Their mean estimates KL(pi || ref) of the sequence distributions cut at `max_new_tokens` (unbiased:
+    y is drawn from pi at temperature 1 with no other warping).
+    """
+    ys = generate_ids(policy, tokenizer, prompts, max_new_tokens=max_new_tokens, do_sample=True, seeds=seeds,
+                      batch_size=batch_size)
+    pad = tokenizer.pad_token_id
+    return (completion_logps(policy, prompts, ys, pad_token_id=pad, batch_size=batch_size)
+            - completion_logps(ref, prompts, ys, pad_token_id=pad, batch_size=batch_size))
+
+
+def kl_summary(log_ratios: dict[int, list[float]]) -> dict:
+    """Mean of all sampled log-ratios; standard error over prompts (each prompt's samples averaged first)."""
+    per_prompt = torch.tensor([sum(v) / len(v) for _, v in sorted(log_ratios.items())], dtype=torch.float64)
+    every = torch.tensor([x for _, v in sorted(log_ratios.items()) for x in v], dtype=torch.float64)
+    n = len(per_prompt)
+    stderr = per_prompt.std(unbiased=True).item() / math.sqrt(n) if n > 1 else float("nan")
+    return {"mean": every.mean().item(), "stderr": stderr, "num_prompts": n, "num_samples": len(every)}
+
+
+def win_rate(model_scores: list[float], ref_scores: list[float], same_answer: list[bool]) -> dict:
+    """Wins, ties and losses of a model's answers against the reference's on the same prompts.
+
+    A tie is the same answer, or scores within float32 noise (1e-5 of their magnitude)."""
+    wins = ties = 0
+    for a, b, same in zip(model_scores, ref_scores, same_answer):
+        if same or abs(a - b) <= 1e-5 * (abs(a) + abs(b)):
+            ties += 1
+        elif a > b:
+            wins += 1
+    n = len(model_scores)
+    return {"win_rate": wins / n, "ties": ties / n, "loss_rate": (n - wins - ties) / n,
+            "win_rate_ties_half": (wins + 0.5 * ties) / n, "num_prompts": n}
+
+
+@torch.no_grad()
+def reward_scores(reward_model, tokenizer, conversations: list[tuple], batch_size: int) -> list[float]:
+    """Scores `(prompt, answer)` pairs: message-list prompts through the reward tokenizer's chat template when
+    it has one, otherwise as plain text (prompt text + answer). Returns one float per pair."""
+    rows = []
+    for prompt, answer in conversations:
+        if isinstance(prompt, list) and getattr(tokenizer, "chat_template", None):
+            rows.append(data_lib._encode(tokenizer, prompt + [{"role": "assistant", "content": answer}], {}))
+        else:
+            text = "\n".join(m["content"] for m in prompt) if isinstance(prompt, list) else prompt
+            rows.append(data_lib._encode(tokenizer, f"{text}\n{answer}", {}))
+    device = next(reward_model.parameters()).device
+    pad = tokenizer.pad_token_id
+    out = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start: start + batch_size]
+        width = max(len(r) for r in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, r in enumerate(chunk):
+            ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
+        logits = reward_model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        out += logits[:, 0].float().cpu().tolist()
+    return out
+
+
+def load_reward_model(path: str, model_args, device):
+    """A sequence classifier with exactly one label, and its tokenizer (with a pad token)."""
+    from transformers import AutoModelForSequenceClassification
+
+    tokenizer = load_tokenizer(path, revision=model_args.revision, trust_remote_code=model_args.trust_remote_code)
+    tokenizer.padding_side = "right"
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, revision=model_args.revision, trust_remote_code=model_args.trust_remote_code, use_safetensors=True)
+    if model.config.num_labels != 1:
+        raise ValueError(f"--reward_model {path}: expected one score (num_labels=1), got {model.config.num_labels}")
+    if model.config.pad_token_id is None:  # needed to find each row's last token
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model.eval().requires_grad_(False).to(device), tokenizer
+
+
+# ------------------------------------------------------------------------------------------ curves, plot
+def read_training_curves(run_dir: str | Path) -> dict[str, dict[str, list]]:
+    """The scalars of a run's TensorBoard event files: `{tag: {"steps": [...], "values": [...]}}`."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = sorted(Path(run_dir).rglob("events.out.tfevents.*"))
+    if not files:
+        raise FileNotFoundError(f"--run_dirs {run_dir}: no TensorBoard event files (events.out.tfevents.*) in it")
+    curves: dict[int, dict] = {}
+    by_tag: dict[str, dict[int, float]] = {}
+    for file in files:  # later files (a resumed run) overwrite earlier values of the same step
+        acc = EventAccumulator(str(file), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            for event in acc.Scalars(tag):
+                by_tag.setdefault(tag, {})[event.step] = event.value
+    for tag, points in sorted(by_tag.items()):
+        steps = sorted(points)
+        curves[tag] = {"steps": steps, "values": [points[s] for s in steps]}
+    return curves
+
+
+def save_plot(path: Path, margins: dict[str, dict], curves: dict[str, dict]) -> None:
+    """Reward-margin histograms (one panel per model, shared bins) and training curves, as a PNG (atomic)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed; set here, not at import time
+    import matplotlib.pyplot as plt
+
+    tags = [t for t in CURVE_TAGS if any(t in c for c in curves.values())]
+    n_top, n_bottom = max(len(margins), 1), len(tags)
+    cols = max(n_top, min(n_bottom, 3), 1)
+    rows = 1 + math.ceil(n_bottom / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.set_visible(False)
+    for ax, (name, hist) in zip(axes[0], margins.items()):
+        ax.set_visible(True)
+        edges = hist["bin_edges"]
+        ax.stairs(hist["counts"], edges, fill=True, alpha=0.7)
+        ax.axvline(0.0, color="black", linewidth=0.8)
+        ax.set_title(f"{name}: reward margin")
+        ax.set_xlabel("beta * ((pc - rc) - (pr - rr))")
+        ax.set_ylabel("pairs")
+    for i, tag in enumerate(tags):
+        ax = axes[1 + i // cols][i % cols]
+        ax.set_visible(True)
+        for run, run_curves in curves.items():
+            if tag in run_curves:
+                ax.plot(run_curves[tag]["steps"], run_curves[tag]["values"], marker=".", label=run)
+        ax.set_title(tag)
+        ax.set_xlabel("step")
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------ report
+def _fmt(value, digits=4) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_table(results: dict) -> str:
+    """Models side by side (the reference first); a dash where a metric is not defined for a column."""
+    models = results["models"]
+    names = list(models)
+    rows = [
+        ("preference accuracy (ties apart)", lambda m: _fmt(m.get("accuracy"))),
+        ("ties", lambda m: _fmt(m.get("ties"))),
+        ("accuracy, ties as half", lambda m: _fmt(m.get("accuracy_ties_half"))),
+        ("reward margin, mean", lambda m: _fmt(m.get("reward_margin", {}).get("mean"))),
+        ("reward margin, median [p5, p95]", lambda m: "—" if "reward_margin" not in m else
+         "{:.4f} [{:.4f}, {:.4f}]".format(*(m["reward_margin"]["quantiles"][q] for q in ("0.5", "0.05", "0.95")))),
+        ("perplexity, chosen", lambda m: _fmt(m.get("perplexity"), 3)),
+        ("KL(policy || ref), token level", lambda m: _fmt(m.get("kl_token_level"))),
+        ("KL(policy || ref), sampled ± s.e.", lambda m: "—" if "kl_sampled" not in m else
+         f"{m['kl_sampled']['mean']:.4f} ± {m['kl_sampled']['stderr']:.4f}"),
+        ("win rate vs reference (ties)", lambda m: "—" if "win_rate" not in m else
+         f"{m['win_rate']['win_rate']:.3f} ({m['win_rate']['ties']:.3f})"),
+    ]
+    if not any("win_rate" in m for m in models.values()):
+        rows = rows[:-1]
+    if not any("kl_sampled" in m for m in models.values()):
+        rows = [r for r in rows if not r[0].startswith("KL(policy || ref), sampled")]
+    lines = [f"Held-out pairs: {results['num_pairs']} ({results['dataset']}, split {results['split']}), "
+             f"beta = {results['beta']}, reference = {results['reference_model']}", "",
+             "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for label, get in rows:
+        lines.append(f"| {label} | " + " | ".join(get(models[n]) for n in names) + " |")
+    return "\n".join(lines)
+
+
+def _write_json(path: Path, value) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False))
+    os.replace(tmp, path)
+
+
+# -------------------------------------------------------------------------------------------------- main
+def _prompt_of(record_data: dict):
+    """A record's prompt (explicit, or the shared leading turns/text of chosen and rejected)."""
+    if "prompt" in record_data:
+        return record_data["prompt"]
+    return data_lib._extract_prompt(record_data["chosen"], record_data["rejected"])[0]
+
+
+def _check_tokenizer(path: str, tokenizer, model_args) -> None:
+    """A model scored with the reference's token ids must use the same tokenizer (when it ships one)."""
+    try:
+        own = load_tokenizer(path, revision=model_args.revision, trust_remote_code=model_args.trust_remote_code)
+    except (OSError, ValueError):
+        return  # no tokenizer files: it is read with the reference's
+    if data_lib.tokenizer_fingerprint(own) != data_lib.tokenizer_fingerprint(tokenizer):
+        raise ValueError(f"{path}: its tokenizer differs from the reference's; log-probs of different token ids "
+                         "cannot be compared")
+
+
+def evaluate_models(model_args, data_args, eval_args) -> dict:
+    """Evaluates every `--models` entry against the reference; writes the outputs; returns results.json's dict."""
+    from .training import make_accelerator
+
+    accelerator = make_accelerator()
+    accelerator.print(f"num_processes {accelerator.num_processes} ({accelerator.distributed_type}), "
+                      f"device {accelerator.device}")
+    if not eval_args.output_dir:
+        raise ValueError("--output_dir is required")
+    models = named_paths(eval_args.models, "--models")
+    if not models:
+        raise ValueError("--models is required: one or more model directories (NAME=PATH allowed)")
+    ref_path = eval_args.reference_model or model_args.ref_model_name_or_path or model_args.model_name_or_path
+    if not ref_path:
+        raise ValueError("--reference_model is required (or --ref_model_name_or_path / --model_name_or_path)")
+    runs = named_paths(eval_args.run_dirs, "--run_dirs")
+    output_dir = Path(eval_args.output_dir)
+    if (output_dir / "results.json").exists() and not eval_args.overwrite:
+        raise FileExistsError(f"{output_dir}/results.json exists: pass --overwrite to replace it")
+    curves = {name: read_training_curves(path) for name, path in runs}  # fail early on a wrong directory
+    load = partial(load_model, torch_dtype=model_args.torch_dtype, attn_implementation=model_args.attn_implementation,
+                   revision=model_args.revision, trust_remote_code=model_args.trust_remote_code, trainable=False)
+
+    tokenizer = load_tokenizer(ref_path, revision=model_args.revision, trust_remote_code=model_args.trust_remote_code)
+    for _, path in models:
+        _check_tokenizer(path, tokenizer, model_args)
+    with accelerator.main_process_first():  # tokenized exactly as scripts/dpo.py does
+        records, examples = data_lib.prepare_from_args(data_args, tokenizer, seed=eval_args.seed,
+                                                       report_path=output_dir / "invalid_records.jsonl")
+    split = "eval" if "eval" in examples else "train"
+    split_name = data_args.eval_split or (f"{data_args.dataset_split} (eval_fraction {data_args.eval_fraction})"
+                                          if split == "eval" else data_args.dataset_split)
+    pairs = sorted(examples[split], key=lambda e: e.id)
+    if not pairs:
+        raise ValueError(f"{data_args.dataset_name}: no usable held-out pairs in split {split_name!r}")
+    prompt_by_id = {r.id: _prompt_of(r.data) for r in records[split] if r.data is not None}
+
+    loader = accelerator.prepare(torch.utils.data.DataLoader(
+        data_lib.PairDataset(pairs), batch_size=eval_args.per_device_eval_batch_size, shuffle=False,
+        collate_fn=partial(data_lib.collate_concat, pad_token_id=tokenizer.pad_token_id)))
+    kl_pairs = pairs[: eval_args.kl_max_prompts] if eval_args.kl_samples else []
+    kl_items = [(e.id, k) for e in kl_pairs for k in range(eval_args.kl_samples)]
+    gen_pairs = pairs if eval_args.generation_prompts == -1 else pairs[: eval_args.generation_prompts]
+    prompt_ids = {e.id: e.prompt_ids for e in pairs}
+
+    def answers_of(model) -> dict[int, list[int]]:
+        with accelerator.split_between_processes([e.id for e in gen_pairs]) as mine:
+            ids = generate_ids(model, tokenizer, [prompt_ids[i] for i in mine], max_new_tokens=eval_args.max_new_tokens,
+                               temperature=eval_args.temperature, top_p=eval_args.top_p,
+                               do_sample=eval_args.do_sample, seeds=[sample_seed(eval_args.seed, "answer", i)
+                                                                     for i in mine],
+                               batch_size=eval_args.generation_batch_size)
+            return dict(_gather(accelerator, list(zip(mine, ids))))
+
+    ref = load(ref_path).to(accelerator.device)
+    results = {"dataset": data_args.dataset_name, "split": split_name, "num_pairs": len(pairs), "beta": eval_args.beta,
+               "reference_model": ref_path, "models": {}, "training_curves": curves}
+    margins, answers = {}, {REFERENCE: answers_of(ref)}
+    for name, path in models:
+        accelerator.print(f"evaluating {name} ({path}) on {len(pairs)} pairs")
+        policy = load(path).to(accelerator.device)
+        scores = score_pairs(accelerator, policy, ref, loader)
+        if REFERENCE not in results["models"]:
+            results["models"][REFERENCE] = {"path": ref_path, **reference_metrics(scores)}
+        metrics, margins[name] = pair_metrics(scores, eval_args.beta)
+        if kl_items:
+            with accelerator.split_between_processes(kl_items) as mine:
+                ratios = sampled_log_ratios(policy, ref, tokenizer, [prompt_ids[i] for i, _ in mine],
+                                            [sample_seed(eval_args.seed, "kl", i, k) for i, k in mine],
+                                            max_new_tokens=eval_args.max_new_tokens,
+                                            batch_size=eval_args.generation_batch_size)
+                gathered = _gather(accelerator, [(i, r) for (i, _), r in zip(mine, ratios.tolist())])
+            by_prompt: dict[int, list[float]] = {}
+            for i, r in gathered:
+                by_prompt.setdefault(i, []).append(r)
+            metrics["kl_sampled"] = {**kl_summary(by_prompt), "samples_per_prompt": eval_args.kl_samples,
+                                     "max_new_tokens": eval_args.max_new_tokens}
+        answers[name] = answers_of(policy)
+        results["models"][name] = {"path": path, **metrics}
+        del policy
+
+    texts = {name: {i: decode_answer(tokenizer, ids) for i, ids in by_id.items()} for name, by_id in answers.items()}
+    if eval_args.reward_model and gen_pairs:
+        del ref
+        rm, rm_tokenizer = load_reward_model(eval_args.reward_model, model_args, accelerator.device)
+        rewards = {}
+        for name, by_id in texts.items():
+            with accelerator.split_between_processes([e.id for e in gen_pairs]) as mine:
+                s = reward_scores(rm, rm_tokenizer, [(prompt_by_id[i], by_id[i]) for i in mine],
+                                  eval_args.generation_batch_size)
+                rewards[name] = dict(_gather(accelerator, list(zip(mine, s))))
+        ids = [e.id for e in gen_pairs]
+        for name, _ in models:
+            results["models"][name]["win_rate"] = win_rate(
+                [rewards[name][i] for i in ids], [rewards[REFERENCE][i] for i in ids],
+                [answers[name][i] == answers[REFERENCE][i] for i in ids])
+    else:
+        rewards = None
+
+    if accelerator.is_main_process:
+        _finish(output_dir, eval_args, results, margins, texts, rewards, gen_pairs, prompt_by_id, model_args,
+                data_args)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return results
+
+
+def _gather(accelerator, items: list) -> list:
+    """Every process's items, in process order (a no-op with one process)."""
+    from accelerate.utils import gather_object
+
+    return gather_object(items) if accelerator.num_processes > 1 else items
+
+
+def _finish(output_dir, eval_args, results, margins, texts, rewards, gen_pairs, prompt_by_id, model_args,
+            data_args) -> None:
+    """Histograms on shared bins, results.json, generation_samples.json, the PNG and the table (main process)."""
+    everything = torch.cat(list(margins.values()))
+    low, high = everything.min().item(), everything.max().item()
+    if high - low < 1e-12:
+        low, high = low - 0.5, high + 0.5
+    edges = torch.linspace(low, high, eval_args.histogram_bins + 1, dtype=torch.float64)
+    hists = {}
+    for name, m in margins.items():
+        counts = torch.histogram(m, bins=edges).hist
+        hists[name] = {"bin_edges": edges.tolist(), "counts": [int(c) for c in counts.tolist()]}
+        results["models"][name]["reward_margin"]["histogram"] = hists[name]
+    from .config import resolved_config
+
+    results["settings"] = resolved_config(model_args, data_args, eval_args)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(output_dir / "results.json", results)
+    samples = []
+    for e in gen_pairs:
+        sample = {"id": e.id, "prompt": prompt_by_id.get(e.id), "answers": {n: t[e.id] for n, t in texts.items()}}
+        if rewards is not None:
+            sample["rewards"] = {n: r[e.id] for n, r in rewards.items()}
+        samples.append(sample)
+    _write_json(output_dir / "generation_samples.json", samples)
+    save_plot(output_dir / eval_args.plot_file, hists, results["training_curves"])
+    print(markdown_table(results))
+    for sample in samples[:3]:
+        prompt = sample["prompt"]
+        question = prompt[-1]["content"] if isinstance(prompt, list) else prompt
+        print(f"\n> {question}")
+        for name, text in sample["answers"].items():
+            print(f"  {name}: {text}")
+    print(f"\nwrote {output_dir / 'results.json'}, {output_dir / 'generation_samples.json'}, "
+          f"{output_dir / eval_args.plot_file}")

@@ -1,0 +1,99 @@
+r"""Ask one or more chat models questions and print their answers side by side.
+
+    python scripts/generate.py --models runs/quickstart/tiny-model --question "What is your name?"
+
+    # several models, several questions, sampled answers, saved as JSON
+    python scripts/generate.py --models ref=runs/quickstart/tiny-model dpo=runs/quickstart/dpo \
+        --question "What is your name?" --question "What is a comet?" \
+        --do_sample --temperature 0.7 --top_p 0.9 --max_new_tokens 32 --output_file runs/answers.json
+
+    # questions from a file (.txt: one per line; .jsonl: strings or {"question": ...}), plain text output
+    python scripts/generate.py --models runs/dpo --questions_file questions.txt --format plain
+
+Questions go through each model's chat template (as a user message after the optional --system_prompt).
+Greedy by default; with --do_sample question i is sampled with seed --seed + i, so answers repeat exactly.
+Runs on the GPU or Apple MPS when present (accelerate's device selection), else the CPU.
+"""
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dpo_core.config import ModelArguments, parse_config, run_cli
+from dpo_core.evaluate import named_paths
+from dpo_core.generation import GenerationArguments, generate, read_questions
+from dpo_core.modeling import load_model, load_tokenizer
+from dpo_core.training import make_accelerator
+
+
+@dataclass
+class AskArguments:
+    models: list[str] = field(
+        default_factory=list, metadata={"help": "Model directories or hub names, each optionally NAME=PATH; "
+                                        "default: --model_name_or_path."})
+    question: list[str] = field(
+        default_factory=list, metadata={"help": "A question; repeat the flag for more.", "action": "append"})
+    questions_file: str | None = field(
+        default=None, metadata={"help": "More questions: .txt (one per line) or .jsonl (strings or {question})."})
+    format: str = field(default="markdown", metadata={"help": "markdown (a table) or plain."})
+    output_file: str | None = field(default=None, metadata={"help": "Also write the answers to this JSON file."})
+
+    def __post_init__(self):
+        # append + nargs: [["q1"], ["q2"]] from `--question q1 --question q2` (a YAML list stays flat)
+        self.question = [q for item in self.question for q in ([item] if isinstance(item, str) else item)]
+        if self.format not in ("markdown", "plain"):
+            raise ValueError(f"--format must be markdown or plain, got {self.format!r}")
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", "<br>") or " "
+
+
+def render(rows: list[dict], names: list[str], fmt: str) -> str:
+    if fmt == "plain":
+        blocks = []
+        for row in rows:
+            width = max(len(n) for n in names)
+            blocks.append("\n".join([f"Q: {row['question']}"] +
+                                    [f"  {n:<{width}} | {row['answers'][n]}" for n in names]))
+        return "\n\n".join(blocks)
+    lines = ["| question | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    lines += ["| " + " | ".join(_cell(t) for t in [row["question"], *(row["answers"][n] for n in names)]) + " |"
+              for row in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    model_args, gen_args, args = parse_config((ModelArguments, GenerationArguments, AskArguments), argv,
+                                              description=__doc__)
+    models = named_paths(args.models, "--models")
+    if not models and model_args.model_name_or_path:
+        models = named_paths([model_args.model_name_or_path], "--model_name_or_path")
+    if not models:
+        raise ValueError("--models is required (one or more model directories)")
+    questions = list(args.question) + (read_questions(args.questions_file) if args.questions_file else [])
+    if not questions:
+        raise ValueError("give --question (repeatable) or --questions_file")
+    accelerator = make_accelerator()
+    answers = {}
+    for name, path in models:
+        tokenizer = load_tokenizer(path, revision=model_args.revision, trust_remote_code=model_args.trust_remote_code)
+        model = load_model(path, torch_dtype=model_args.torch_dtype, attn_implementation=model_args.attn_implementation,
+                           revision=model_args.revision, trust_remote_code=model_args.trust_remote_code,
+                           trainable=False).to(accelerator.device)
+        answers[name] = generate(model, tokenizer, questions, **gen_args.kwargs())
+        del model
+    rows = [{"question": q, "answers": {n: answers[n][i] for n, _ in models}} for i, q in enumerate(questions)]
+    print(render(rows, [n for n, _ in models], args.format))
+    if args.output_file:
+        path = Path(args.output_file)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({"models": dict(models), "settings": gen_args.kwargs(), "answers": rows},
+                                  indent=2, ensure_ascii=False))
+        os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    run_cli(main)
