@@ -14,13 +14,19 @@ install:
 install-test: install
 	$(PIP) install -q -e ".[test]" ruff
 
-# Reference precompute -> DPO (no reference model in memory) -> held-out metrics, on the tiny demo model.
+# SFT -> reference precompute (of the SFT model) -> DPO from SFT (no reference model in memory) -> evaluation
+# of SFT and DPO against the base model on the held-out pairs, printed side by side. All on the tiny demo model.
 quickstart: install
 	$(PYTHON) scripts/build_tiny_model.py $(RUN)/tiny-model
+	$(CPU) scripts/sft.py --config recipes/sft_quickstart.yaml --output_dir $(RUN)/sft --overwrite_output_dir
 	$(CPU) scripts/precompute_ref_logprobs.py --config recipes/quickstart.yaml \
-		--output_dir $(RUN)/ref-cache --overwrite
-	$(CPU) scripts/dpo.py --config recipes/quickstart.yaml \
+		--model_name_or_path $(RUN)/sft --output_dir $(RUN)/ref-cache --overwrite
+	$(CPU) scripts/dpo.py --config recipes/quickstart.yaml --model_name_or_path $(RUN)/sft \
 		--ref_logprobs $(RUN)/ref-cache --output_dir $(RUN)/dpo --overwrite_output_dir
+	$(CPU) scripts/evaluate.py --config recipes/quickstart.yaml \
+		--models sft=$(RUN)/sft dpo=$(RUN)/dpo --reference_model $(RUN)/tiny-model \
+		--run_dirs sft=$(RUN)/sft dpo=$(RUN)/dpo --output_dir $(RUN)/eval --overwrite \
+		--kl_max_prompts 32 --max_new_tokens 24
 
 test: install-test lint
 	$(PYTHON) -m pytest -q -p no:cacheprovider tests
