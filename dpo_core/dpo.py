@@ -167,7 +167,8 @@ def train_dpo(model_args, data_args, dpo_args, train_args) -> dict:
     accelerator.init_trackers("tensorboard", config=_hparams(model_args, data_args, dpo_args, train_args),
                               init_kwargs={"tensorboard": {"purge_step": state.global_step or None}})
 
-    step_fn = make_dpo_step(dpo_args, forward=FORWARDS[train_args.forward_mode], ref_model=ref_model)
+    forward = partial(FORWARDS[train_args.forward_mode], chunk_size=train_args.logps_chunk_size)
+    step_fn = make_dpo_step(dpo_args, forward=forward, ref_model=ref_model)
     metrics = train_loop(accelerator, model, optimizer, scheduler, train_loader, step_fn, train_args,
                          eval_loader=eval_loader, max_steps=max_steps, state=state)
     metrics["num_processes"] = accelerator.num_processes
