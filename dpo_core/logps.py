@@ -8,8 +8,13 @@ weights are read once and, under FSDP/ZeRO-3, gathered once per step.
 Batch layout (`dpo_core.data.collate_concat`): `input_ids`, `attention_mask`, `completion_mask`,
 each `[2B, T]`, rows `0..B-1` = prompt + chosen, rows `B..2B-1` = prompt + rejected.
 
-Other batch layouts (padding-free, shared prompt prefix) register their own forward in `FORWARDS`
-with the same signature `(model, batch, *, ld_alpha, wpo) -> ForwardOutput`.
+Other batch layouts register their own forward in `FORWARDS`, all with the signature
+`(model, batch, *, ld_alpha, wpo, chunk_size) -> ForwardOutput` and the same numbers (float32 rounding):
+`padding_free` (the 2B sequences in one row, `dpo_core.data.collate_padding_free`) and `shared_prefix`
+(prompt + chosen + rejected as one sequence per pair, `dpo_core.data.collate_shared_prefix`).
+
+Every layout scores only the positions that predict a completion token, and by default chunk by chunk from
+the final hidden states (`completion_token_stats`): the `[2B, T, V]` float32 logits never exist.
 """
 
 from __future__ import annotations
@@ -165,7 +170,9 @@ class _ChunkedHead(nn.Module):
             parts = [(empty, empty, empty if self.with_wpo else None)]
         logp, mean, sq = zip(*parts)
         self.result = (torch.cat(logp), torch.cat(mean), torch.cat(sq) if self.with_wpo else None)
-        return hidden[..., :0]
+        # Empty "logits" that still depend on the head: DDP(find_unused_parameters=True) walks the graph from
+        # the forward's outputs, and must find the head's parameters used.
+        return hidden[..., :0] + 0 * self.result[0].sum().to(hidden.dtype)
 
 
 def completion_token_stats(model, inputs: dict, positions: Tensor, labels: Tensor, *,
