@@ -9,8 +9,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from dpo_core.data import Example, collate_concat
-from dpo_core.logps import FORWARDS, concatenated_forward, sequence_logps
+from dpo_core.data import COLLATORS, Example, collate_concat
+from dpo_core.logps import (
+    FORWARDS,
+    concatenated_forward,
+    padding_free_forward,
+    sequence_logps,
+    shared_prefix_forward,
+)
 
 PAD = 0
 
@@ -141,11 +147,6 @@ def test_padding_token_values_do_not_matter(model):
 # concat path's numbers: all ForwardOutput fields to atol 1e-5 + rtol 1e-6 (sums of ~100 carry ~1e-5 of
 # float32 rounding), and gradients w.r.t. every parameter to 1e-5 of the largest gradient entry. The plain
 # concat path itself is checked against a float64 per-token loop over separate forwards.
-
-from functools import partial  # noqa: E402
-
-from dpo_core.data import COLLATORS  # noqa: E402
-from dpo_core.logps import padding_free_forward, shared_prefix_forward  # noqa: E402
 
 MODES = ["concat", "padding_free", "shared_prefix"]
 FIELDS = ["chosen_logps", "rejected_logps", "chosen_lengths", "rejected_lengths", "chosen_nll",
