@@ -168,7 +168,15 @@ class TrainArguments:
         default=3, metadata={"help": "Stop after this many optimizer steps in a row with NaN/Inf loss or gradients."})
     report_to: str = field(default="tensorboard", metadata={"help": "tensorboard | none."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
-    forward_mode: str = field(default="concat", metadata={"help": "Batch layout of the forward: concat."})
+    forward_mode: str = field(
+        default="concat",
+        metadata={"help": "Batch layout of the forward (same log-probs in each): concat (2B padded rows), "
+                  "padding_free (the 2B sequences in one row, no padding), shared_prefix (prompt + chosen + "
+                  "rejected as one sequence per pair, the prompt computed once; sdpa, eager or flex_attention)."})
+    logps_chunk_size: int = field(
+        default=1024,
+        metadata={"help": "Completion tokens per chunk of the float32 log-softmax over the vocabulary, recomputed "
+                  "in backward: the [2B, T, V] logits never exist at once. 0: the model's full logits."})
     log_example_ids: bool = field(
         default=False,
         metadata={"help": "Audit the data order: append each micro-batch's example ids (per rank, with step, epoch "
@@ -183,6 +191,18 @@ class TrainArguments:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.report_to not in ("tensorboard", "none"):
             raise ValueError(f"--report_to must be tensorboard or none, got {self.report_to!r}")
+        check_forward_mode(self.forward_mode, self.logps_chunk_size)
+
+
+FORWARD_MODES = ("concat", "padding_free", "shared_prefix")
+
+
+def check_forward_mode(forward_mode: str, logps_chunk_size: int) -> None:
+    """`--forward_mode` / `--logps_chunk_size` validation, shared by training and the reference precompute."""
+    if forward_mode not in FORWARD_MODES:
+        raise ValueError(f"--forward_mode must be one of {', '.join(FORWARD_MODES)}, got {forward_mode!r}")
+    if logps_chunk_size < 0:
+        raise ValueError(f"--logps_chunk_size must be >= 0 (0: no chunking), got {logps_chunk_size}")
 
 
 def _check_groups(config, flat_cls) -> None:

@@ -371,5 +371,110 @@ def collate_concat(examples: list[Example], pad_token_id: int, pad_to_multiple_o
             "num_tokens": attention_mask.sum(), "num_positions": torch.tensor(input_ids.numel())}
 
 
+def _scored_tokens(examples: list[Example], starts: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+    """Which positions of a packed layout predict which completion token, sequence by sequence.
+
+    `starts[s]` = (flat position of the first completion token's predecessor, flat position of the second
+    completion token's predecessor) of sequence s (0..B-1 chosen, B..2B-1 rejected); the completion tokens
+    after the first are predicted by consecutive positions from the second value on.
+    """
+    completions = [e.chosen_ids for e in examples] + [e.rejected_ids for e in examples]
+    positions, labels, sequence = [], [], []
+    for s, (completion, (first, rest)) in enumerate(zip(completions, starts)):
+        positions += [first, *range(rest, rest + len(completion) - 1)]
+        labels += completion
+        sequence += [s] * len(completion)
+    return {"logp_positions": torch.tensor(positions, dtype=torch.long),
+            "logp_labels": torch.tensor(labels, dtype=torch.long),
+            "logp_sequence": torch.tensor(sequence, dtype=torch.long)}
+
+
+def collate_padding_free(examples: list[Example], pad_token_id: int, pad_to_multiple_of: int | None = None
+                         ) -> dict[str, torch.Tensor]:
+    """The 2B sequences (chosen ones, then rejected ones) flattened into ONE row, no padding.
+
+    Returns:
+        input_ids, position_ids: [1, N] long; positions restart at 0 for each sequence (transformers reads the
+            sequence boundaries from them). cu_seq_lens: [2B + 1] int32 boundaries, max_seq_len: scalar (for
+            flash-attn varlen). logp_positions, logp_labels, logp_sequence: [M] long, the flat positions that
+            predict the M completion tokens, those tokens, and their sequence (see `_scored_tokens`).
+        ids, num_tokens, num_positions: as `collate_concat` (here num_positions == num_tokens).
+        `pad_to_multiple_of` is accepted for a uniform signature; nothing is padded.
+    """
+    rows = [(e.prompt_ids, e.chosen_ids) for e in examples] + [(e.prompt_ids, e.rejected_ids) for e in examples]
+    ids, positions, lengths, starts, offset = [], [], [], [], 0
+    for p, c in rows:
+        ids += p + c
+        positions += range(len(p) + len(c))
+        lengths.append(len(p) + len(c))
+        starts.append((offset + len(p) - 1, offset + len(p)))
+        offset += len(p) + len(c)
+    n = torch.tensor(offset)
+    return {"input_ids": torch.tensor([ids], dtype=torch.long),
+            "position_ids": torch.tensor([positions], dtype=torch.long),
+            "cu_seq_lens": torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32),
+            "max_seq_len": torch.tensor(max(lengths)), **_scored_tokens(examples, starts),
+            "ids": torch.tensor([e.id for e in examples], dtype=torch.long), "num_tokens": n, "num_positions": n}
+
+
+def _pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: item indices grouped into rows whose lengths sum to at most `capacity`."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        slot = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
+        if slot is None:
+            rows.append([])
+            room.append(capacity)
+            slot = len(rows) - 1
+        rows[slot].append(i)
+        room[slot] -= lengths[i]
+    return rows
+
+
+def collate_shared_prefix(examples: list[Example], pad_token_id: int, pad_to_multiple_of: int | None = None
+                          ) -> dict[str, torch.Tensor]:
+    """Each pair as ONE sequence prompt + chosen + rejected; pairs packed into rows where they fit.
+
+    Positions: prompt 0..P-1, chosen P..P+C-1, rejected P..P+R-1 (restarting after the prompt). Rows are as
+    long as the longest pair (rounded up to `pad_to_multiple_of`); shorter pairs share rows (first-fit
+    decreasing), so attention stays within row-sized blocks and little is padded.
+
+    Returns:
+        input_ids, position_ids: [R, L] long. pair_index: [R, L] long, the pair of each position (-1: padding).
+        segment: [R, L] long, 0 prompt, 1 chosen, 2 rejected (padding 0). logp_positions, logp_labels,
+        logp_sequence: [M] long (flat indices into R * L; see `_scored_tokens`). ids, num_tokens (of the 2B
+        logical prompt+completion sequences, as in every layout), num_positions (R * L).
+    """
+    sizes = [len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in examples]
+    width = max(sizes)
+    if pad_to_multiple_of:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    packing = _pack_rows(sizes, width)
+    input_ids = torch.full((len(packing), width), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((len(packing), width), dtype=torch.long)
+    pair_index = torch.full((len(packing), width), -1, dtype=torch.long)
+    segment = torch.zeros((len(packing), width), dtype=torch.long)
+    starts = [None] * (2 * len(examples))
+    for r, members in enumerate(packing):
+        offset = 0
+        for i in members:
+            e = examples[i]
+            p, c, k = len(e.prompt_ids), len(e.chosen_ids), len(e.rejected_ids)
+            sl = slice(offset, offset + p + c + k)
+            input_ids[r, sl] = torch.tensor(e.prompt_ids + e.chosen_ids + e.rejected_ids, dtype=torch.long)
+            position_ids[r, sl] = torch.cat([torch.arange(p + c), torch.arange(p, p + k)])
+            pair_index[r, sl] = i
+            segment[r, sl] = torch.tensor([0] * p + [1] * c + [2] * k)
+            flat = r * width + offset
+            starts[i] = (flat + p - 1, flat + p)  # the last prompt position predicts both first tokens
+            starts[len(examples) + i] = (flat + p - 1, flat + p + c)
+            offset += p + c + k
+    num_tokens = sum(2 * len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in examples)
+    return {"input_ids": input_ids, "position_ids": position_ids, "pair_index": pair_index, "segment": segment,
+            **_scored_tokens(examples, starts), "ids": torch.tensor([e.id for e in examples], dtype=torch.long),
+            "num_tokens": torch.tensor(num_tokens), "num_positions": torch.tensor(input_ids.numel())}
+
+
 # Batch layouts by `--forward_mode`: each collator pairs with `dpo_core.logps.FORWARDS[mode]`.
-COLLATORS = {"concat": collate_concat}
+COLLATORS = {"concat": collate_concat, "padding_free": collate_padding_free, "shared_prefix": collate_shared_prefix}

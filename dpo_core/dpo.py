@@ -138,7 +138,8 @@ def run_dpo(model_args, data_args, dpo_args, train_args) -> dict:
     scheduler, state, max_steps = schedule_and_resume(accelerator, optimizer, train_args, len(train_loader),
                                                       model_args, data_args, dpo_args, train_args)
 
-    step_fn = make_dpo_step(dpo_args, forward=FORWARDS[train_args.forward_mode], ref_model=ref_model)
+    forward = partial(FORWARDS[train_args.forward_mode], chunk_size=train_args.logps_chunk_size)
+    step_fn = make_dpo_step(dpo_args, forward=forward, ref_model=ref_model)
     metrics = train_loop(accelerator, model, optimizer, scheduler, train_loader, step_fn, train_args,
                          eval_loader=eval_loader, max_steps=max_steps, state=state)
     return finish_run(accelerator, model, tokenizer, output_dir, metrics)

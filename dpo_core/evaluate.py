@@ -178,7 +178,8 @@ def score_pairs(accelerator, policy, ref, loader) -> dict[str, torch.Tensor]:
     for batch in loader:
         tap_p, tap_r = _LogitsTap(policy), _LogitsTap(ref)
         with accelerator.autocast():
-            out, ref_out = forward(tap_p, batch), forward(tap_r, batch)
+            # chunk_size=0: the full logits, which the token-level KL needs (evaluation has no backward)
+            out, ref_out = forward(tap_p, batch, chunk_size=0), forward(tap_r, batch, chunk_size=0)
         n = out.chosen_logps.shape[0]  # rows 0..n-1 are prompt + chosen
         mask = (batch["completion_mask"][:n, 1:] * batch["attention_mask"][:n, 1:])
         kl = token_kl_sums(tap_p.logits[:n, :-1], tap_r.logits[:n, :-1], mask)

@@ -8,8 +8,13 @@ weights are read once and, under FSDP/ZeRO-3, gathered once per step.
 Batch layout (`dpo_core.data.collate_concat`): `input_ids`, `attention_mask`, `completion_mask`,
 each `[2B, T]`, rows `0..B-1` = prompt + chosen, rows `B..2B-1` = prompt + rejected.
 
-Other batch layouts (padding-free, shared prompt prefix) register their own forward in `FORWARDS`
-with the same signature `(model, batch, *, ld_alpha, wpo) -> ForwardOutput`.
+Other batch layouts register their own forward in `FORWARDS`, all with the signature
+`(model, batch, *, ld_alpha, wpo, chunk_size) -> ForwardOutput` and the same numbers (float32 rounding):
+`padding_free` (the 2B sequences in one row, `dpo_core.data.collate_padding_free`) and `shared_prefix`
+(prompt + chosen + rejected as one sequence per pair, `dpo_core.data.collate_shared_prefix`).
+
+Every layout scores only the positions that predict a completion token, and by default chunk by chunk from
+the final hidden states (`completion_token_stats`): the `[2B, T, V]` float32 logits never exist.
 """
 
 from __future__ import annotations
@@ -17,7 +22,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+DEFAULT_CHUNK_SIZE = 1024
 
 
 @dataclass
@@ -86,8 +94,168 @@ def sequence_logps(per_token: Tensor, mask: Tensor, ld_alpha: float | None = Non
     return (per_token * shared_mask).sum(-1) + ld_alpha * (per_token * tail_mask).sum(-1)
 
 
+# ------------------------------------------------------------------------ chunked completion-token stats
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside DDP / DeepSpeed / torch.compile / PEFT wrappers (for its config and head).
+
+    Only for reading and for locating the output head: the forward itself always goes through `model`, so
+    that DDP's and DeepSpeed's forward hooks (gradient synchronisation, ZeRO-3 gathering) run.
+    """
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile
+            model = model._orig_mod
+        elif isinstance(getattr(model, "module", None), nn.Module):  # DDP, DeepSpeedEngine
+            model = model.module
+        elif hasattr(model, "get_base_model") and hasattr(model, "peft_config"):  # PeftModel
+            model = model.get_base_model()
+        else:
+            return model
+
+
+def _output_head(base: nn.Module) -> tuple[nn.Module, str, nn.Module]:
+    """`(parent, attribute, head)` of the module that maps final hidden states to logits (`lm_head`)."""
+    head = base.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(base).__name__} has no output embeddings (lm_head): chunked log-probs need one; "
+                         "set --logps_chunk_size 0")
+    for name, module in base.named_modules():
+        if module is head:
+            parent_name, _, attr = name.rpartition(".")
+            return base.get_submodule(parent_name), attr, head
+    raise ValueError(f"{type(base).__name__}: the output embeddings are not a submodule")
+
+
+def _token_stats(head: nn.Module, hidden: Tensor, labels: Tensor, softcap: float | None, with_wpo: bool):
+    """log p(label), mean logit and (WPO) log sum_v p_v^2 of `hidden` `[n, H]` rows; the log-softmax in float32."""
+    logits = head(hidden).float()
+    if softcap is not None:  # Gemma-2/3 cap their logits after lm_head, inside the forward we bypass
+        logits = torch.tanh(logits / softcap) * softcap
+    log_norm = logits.logsumexp(-1)
+    logp = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - log_norm
+    with torch.no_grad():
+        mean = logits.mean(-1)
+        sq = (2 * (logits - log_norm.unsqueeze(-1))).logsumexp(-1) if with_wpo else None
+    return logp, mean, sq
+
+
+class _ChunkedHead(nn.Module):
+    """Stands in for `lm_head` during one forward: computes the completion-token stats chunk by chunk from the
+    final hidden states, keeps them in `self.result`, and returns empty logits `[N, T, 0]`.
+
+    Each chunk runs under `torch.utils.checkpoint`: only `[chunk, V]` logits exist at a time, in forward and
+    again in backward (recomputed there). The real head is *called* (never its weight read directly), inside
+    the wrapped model's forward, so ZeRO-3 / FSDP gather its weight as they would for the plain path, and
+    LoRA or modules_to_save on lm_head apply.
+    """
+
+    def __init__(self, head: nn.Module, positions: Tensor, labels: Tensor, chunk_size: int,
+                 softcap: float | None, with_wpo: bool):
+        super().__init__()
+        object.__setattr__(self, "head", head)  # not a submodule: the model's parameters stay as they are
+        self.positions, self.labels, self.chunk_size = positions, labels, chunk_size
+        self.softcap, self.with_wpo, self.result = softcap, with_wpo, None
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, self.positions)
+        recompute = torch.is_grad_enabled() and (selected.requires_grad or any(
+            p.requires_grad for p in self.head.parameters()))
+        parts = []
+        for start in range(0, selected.shape[0], self.chunk_size):
+            args = (self.head, selected[start:start + self.chunk_size],
+                    self.labels[start:start + self.chunk_size], self.softcap, self.with_wpo)
+            parts.append(checkpoint(_token_stats, *args, use_reentrant=False) if recompute else _token_stats(*args))
+        if not parts:
+            empty = hidden.new_zeros(0, dtype=torch.float32)
+            parts = [(empty, empty, empty if self.with_wpo else None)]
+        logp, mean, sq = zip(*parts)
+        self.result = (torch.cat(logp), torch.cat(mean), torch.cat(sq) if self.with_wpo else None)
+        # Empty "logits" that still depend on the head: DDP(find_unused_parameters=True) walks the graph from
+        # the forward's outputs, and must find the head's parameters used.
+        return hidden[..., :0] + 0 * self.result[0].sum().to(hidden.dtype)
+
+
+def completion_token_stats(model, inputs: dict, positions: Tensor, labels: Tensor, *,
+                           chunk_size: int = DEFAULT_CHUNK_SIZE, with_wpo: bool = False
+                           ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Runs `model(**inputs)` and scores the completion tokens only.
+
+    Only positions that predict a completion token matter to any DPO statistic, so only those go through the
+    log-softmax (prompts are often most of a sequence). With `chunk_size > 0` the model's lm_head is swapped,
+    for this one call, for `_ChunkedHead`: the `[N, T, V]` logits are never formed, and the float32 ones only
+    `chunk_size` rows at a time. The call still goes through `model` itself (DDP / DeepSpeed forward hooks
+    run; do not unwrap it for the forward). With `chunk_size == 0` the plain path: the model's full logits.
+
+    Args:
+        inputs: keyword arguments of the model's forward (the batch layout's ids, masks, positions).
+        positions: `(M,)` long, flat indices into the `[N * T]` positions of the final hidden states whose
+            next-token prediction is scored (a position may repeat).
+        labels: `(M,)` long, the token each of them predicts.
+    Returns:
+        `(log p(label) (M,) float32, mean logit over V (M,) no grad, WPO log sum_v p_v^2 (M,) or None)`.
+    """
+    if not chunk_size:
+        logits = model(**inputs).logits
+        selected = logits.reshape(-1, logits.shape[-1]).index_select(0, positions)
+        logp, mean, sq = token_logps(selected.unsqueeze(0), labels.unsqueeze(0), with_wpo=with_wpo)
+        return logp[0], mean[0], (sq[0] if with_wpo else None)
+    base = unwrap_model(model)
+    parent, attr, head = _output_head(base)
+    softcap = getattr(base.config, "final_logit_softcapping", None)
+    chunked = _ChunkedHead(head, positions, labels, chunk_size, softcap, with_wpo)
+    setattr(parent, attr, chunked)
+    try:
+        model(**inputs)
+    finally:
+        setattr(parent, attr, head)
+    if chunked.result is None:
+        raise RuntimeError(f"{type(base).__name__}'s forward did not call its output embeddings module; "
+                           "set --logps_chunk_size 0")
+    return chunked.result
+
+
+def assemble_output(per_token: Tensor, mean_logits: Tensor, log_sum_sq: Tensor | None, sequence: Tensor,
+                    num_sequences: int, *, ld_alpha: float | None = None, wpo: bool = False) -> ForwardOutput:
+    """Per-token stats of the completion tokens of 2B sequences -> `ForwardOutput`; the same math in every mode.
+
+    Args:
+        per_token, mean_logits, log_sum_sq: `(M,)` from `completion_token_stats`.
+        sequence: `(M,)` long, the sequence of each token (0..B-1 chosen, B..2B-1 rejected), tokens sorted by
+            sequence and, within one, by position.
+        num_sequences: 2B.
+    """
+    lengths = torch.bincount(sequence, minlength=num_sequences)
+    starts = lengths.cumsum(0) - lengths
+    index = (sequence, torch.arange(sequence.numel(), device=sequence.device) - starts[sequence])
+    width = int(lengths.max()) if lengths.numel() else 0
+    mask_f = torch.zeros(num_sequences, width, dtype=torch.float32, device=per_token.device).index_put(
+        index, torch.ones_like(per_token))
+
+    def dense(values):  # [2B, longest completion], zeros past each completion; differentiable
+        return torch.zeros(num_sequences, width, dtype=values.dtype, device=values.device).index_put(index, values)
+
+    per_token_d, mean_d = dense(per_token), dense(mean_logits)
+    logps = sequence_logps(per_token_d, mask_f, ld_alpha)
+    chosen_mask, rejected_mask = mask_f.chunk(2)
+    chosen_mean, rejected_mean = mean_d.chunk(2)
+    chosen_logps, rejected_logps = logps.chunk(2)
+    chosen_lengths, rejected_lengths = lengths.chunk(2)
+    out = ForwardOutput(
+        chosen_logps=chosen_logps, rejected_logps=rejected_logps,
+        chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
+        chosen_nll=-(per_token_d.chunk(2)[0] * chosen_mask).sum(-1),
+        chosen_mean_logits=(chosen_mean * chosen_mask).sum() / chosen_mask.sum().clamp(min=1),
+        rejected_mean_logits=(rejected_mean * rejected_mask).sum() / rejected_mask.sum().clamp(min=1),
+    )
+    if wpo:
+        with torch.no_grad():
+            aligned = ((per_token_d - dense(log_sum_sq)) * mask_f).sum(-1) / lengths.clamp(min=1)
+        out.chosen_wpo_log_weights, out.rejected_wpo_log_weights = aligned.chunk(2)
+    return out
+
+
 def concatenated_forward(model, batch: dict[str, Tensor], *, ld_alpha: float | None = None,
-                         wpo: bool = False) -> ForwardOutput:
+                         wpo: bool = False, chunk_size: int = DEFAULT_CHUNK_SIZE) -> ForwardOutput:
     """One forward of the 2B chosen+rejected rows; per-sequence completion log-probs and statistics.
 
     Args:
@@ -95,32 +263,95 @@ def concatenated_forward(model, batch: dict[str, Tensor], *, ld_alpha: float | N
         batch: `input_ids`, `attention_mask`, `completion_mask`, each `[2B, T]`.
         ld_alpha: LD-DPO weight of the longer completion's tail; None for plain sums.
         wpo: also compute WPO's per-sequence log-weights.
+        chunk_size: completion tokens per chunk of the log-softmax (see `completion_token_stats`); 0: plain
+            path (the model's full logits).
     """
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
-    logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                   position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
     # Position t predicts token t+1; the first token has no prediction and is never a completion token.
-    labels, mask = input_ids[:, 1:], batch["completion_mask"][:, 1:] * attention_mask[:, 1:]
-    per_token, mean_logits, log_sum_sq = token_logps(logits[:, :-1], labels, with_wpo=wpo)
-    mask_f = mask.to(per_token.dtype)
-    logps = sequence_logps(per_token, mask_f, ld_alpha)
-    lengths = mask.sum(-1)
-    chosen_logps, rejected_logps = logps.chunk(2)
-    chosen_lengths, rejected_lengths = lengths.chunk(2)
-    chosen_mask, rejected_mask = mask_f.chunk(2)
-    chosen_mean, rejected_mean = mean_logits.chunk(2)
-    out = ForwardOutput(
-        chosen_logps=chosen_logps, rejected_logps=rejected_logps,
-        chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
-        chosen_nll=-(per_token.chunk(2)[0] * chosen_mask).sum(-1),
-        chosen_mean_logits=(chosen_mean * chosen_mask).sum() / chosen_mask.sum().clamp(min=1),
-        rejected_mean_logits=(rejected_mean * rejected_mask).sum() / rejected_mask.sum().clamp(min=1),
-    )
-    if wpo:
-        with torch.no_grad():
-            aligned = ((per_token - log_sum_sq) * mask_f).sum(-1) / lengths.clamp(min=1)
-        out.chosen_wpo_log_weights, out.rejected_wpo_log_weights = aligned.chunk(2)
-    return out
+    mask = batch["completion_mask"][:, 1:] * attention_mask[:, 1:]
+    rows, cols = mask.nonzero(as_tuple=True)  # row-major: sorted by sequence, then position
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask,
+                  position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    stats = completion_token_stats(model, inputs, rows * input_ids.shape[1] + cols, input_ids[rows, cols + 1],
+                                   chunk_size=chunk_size, with_wpo=wpo)
+    return assemble_output(*stats, rows, input_ids.shape[0], ld_alpha=ld_alpha, wpo=wpo)
 
 
-FORWARDS = {"concat": concatenated_forward}
+# --------------------------------------------------------------------------------- packed batch layouts
+
+def attn_implementation(model) -> str:
+    return str(getattr(unwrap_model(model).config, "_attn_implementation", None) or "eager")
+
+
+def padding_free_forward(model, batch: dict[str, Tensor], *, ld_alpha: float | None = None, wpo: bool = False,
+                         chunk_size: int = DEFAULT_CHUNK_SIZE) -> ForwardOutput:
+    """The 2B sequences as one row without padding (`dpo_core.data.collate_padding_free`).
+
+    No attention mask is passed: transformers then reads the sequence boundaries from the restarting
+    `position_ids` (`masking_utils.find_packed_sequence_indices`) and gives SDPA/eager/flex a block-diagonal
+    causal mask; flash-attn gets the varlen boundaries `cu_seq_lens_*` from the batch.
+    """
+    inputs = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    if "flash" in attn_implementation(model):
+        cu = batch["cu_seq_lens"].to(torch.int32)
+        inputs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=int(batch["max_seq_len"]),
+                      max_length_k=int(batch["max_seq_len"]))
+    stats = completion_token_stats(model, inputs, batch["logp_positions"], batch["logp_labels"],
+                                   chunk_size=chunk_size, with_wpo=wpo)
+    return assemble_output(*stats, batch["logp_sequence"], 2 * batch["ids"].numel(), ld_alpha=ld_alpha, wpo=wpo)
+
+
+def shared_prefix_mask_mod(pair: Tensor, segment: Tensor):
+    """FlexAttention `mask_mod` of shared-prefix rows: causal within a pair; rejected tokens do not see chosen ones.
+
+    `pair`/`segment` are `[R, L]` (pair index, -1 for padding; 0 prompt, 1 chosen, 2 rejected).
+    """
+    def mask_mod(b, h, q, kv):
+        same = pair[b, q] == pair[b, kv]
+        return same & (kv <= q) & ~((segment[b, q] == 2) & (segment[b, kv] == 1))
+
+    return mask_mod
+
+
+def shared_prefix_attention_mask(batch: dict[str, Tensor], implementation: str, dtype: torch.dtype):
+    """The shared-prefix mask in the form the attention implementation takes: a BlockMask (flex_attention),
+    a boolean `[R, 1, L, L]` mask (sdpa: True attends) or an additive float one (eager)."""
+    pair, segment = batch["pair_index"], batch["segment"]
+    rows, length = pair.shape
+    if implementation == "flex_attention":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        return create_block_mask(shared_prefix_mask_mod(pair, segment), B=rows, H=None, Q_LEN=length,
+                                 KV_LEN=length, device=pair.device)
+    if "flash" in implementation:
+        raise ValueError("forward_mode shared_prefix needs a custom attention mask, which flash-attn cannot take; "
+                         "use --attn_implementation sdpa or flex_attention (or another --forward_mode)")
+    q = torch.arange(length, device=pair.device)
+    allowed = (pair[:, :, None] == pair[:, None, :]) & (q[None, None, :] <= q[None, :, None])
+    allowed &= ~((segment[:, :, None] == 2) & (segment[:, None, :] == 1))
+    allowed = allowed.unsqueeze(1)
+    if implementation == "eager":
+        return torch.zeros(allowed.shape, dtype=dtype, device=pair.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return allowed
+
+
+def shared_prefix_forward(model, batch: dict[str, Tensor], *, ld_alpha: float | None = None, wpo: bool = False,
+                          chunk_size: int = DEFAULT_CHUNK_SIZE) -> ForwardOutput:
+    """prompt + chosen + rejected as ONE sequence per pair (`dpo_core.data.collate_shared_prefix`).
+
+    The prompt runs once per pair. Rejected tokens see the prompt and themselves but not the chosen tokens, and
+    their positions continue from the prompt length, so each rejected token computes exactly what it computes
+    in a prompt+rejected row (arXiv 2410.20305). The first chosen AND the first rejected token are both
+    predicted by the last prompt position: `logp_positions` holds it twice.
+    """
+    base = unwrap_model(model)
+    mask = shared_prefix_attention_mask(batch, attn_implementation(model), next(base.parameters()).dtype)
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"],
+                  use_cache=False)
+    stats = completion_token_stats(model, inputs, batch["logp_positions"], batch["logp_labels"],
+                                   chunk_size=chunk_size, with_wpo=wpo)
+    return assemble_output(*stats, batch["logp_sequence"], 2 * batch["ids"].numel(), ld_alpha=ld_alpha, wpo=wpo)
+
+
+FORWARDS = {"concat": concatenated_forward, "padding_free": padding_free_forward,
+            "shared_prefix": shared_prefix_forward}

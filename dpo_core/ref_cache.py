@@ -30,7 +30,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .data import dataset_fingerprint, tokenizer_fingerprint
+from .config import check_forward_mode
+from .data import COLLATORS, PairDataset, dataset_fingerprint, tokenizer_fingerprint
+from .logps import FORWARDS
 from .modeling import weights_fingerprint
 
 FORMAT_VERSION = 1
@@ -56,10 +58,17 @@ class PrecomputeArguments:
     seed: int = field(
         default=42, metadata={"help": "Seed of the --eval_fraction carve-out; must equal dpo.py's --seed."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing cache at --output_dir."})
+    forward_mode: str = field(
+        default="concat",
+        metadata={"help": "Batch layout of the reference forward: concat | padding_free | shared_prefix (all give "
+                  "the same log-probs; it need not match dpo.py's)."})
+    logps_chunk_size: int = field(
+        default=1024, metadata={"help": "Completion tokens per chunk of the log-softmax; 0: full logits."})
 
     def __post_init__(self):
         if not self.output_dir:
             raise ValueError("--output_dir (the cache directory) is required")
+        check_forward_mode(self.forward_mode, self.logps_chunk_size)
         if self.per_device_batch_size < 1:
             raise ValueError(f"--per_device_batch_size must be >= 1, got {self.per_device_batch_size}")
         if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
@@ -175,6 +184,77 @@ def merge_partials(parts: list[dict[str, Tensor]], expected_ids, *, split: str =
         raise RuntimeError(f"{split}: the processes' results miss {missing.numel()} expected id(s) "
                            f"{missing[:10].tolist()} and have {extra.numel()} unexpected one(s) {extra[:10].tolist()}")
     return unique, merged["chosen_logps"], merged["rejected_logps"]
+
+
+# ------------------------------------------------------------------------------------------ computing
+
+def forward_split(accelerator, model, examples, *, batch_size: int, pad_token_id: int, ld_alpha=None,
+                  forward_mode: str = "concat", chunk_size: int = 1024) -> dict[str, Tensor]:
+    """This process's share of a split: `{"ids", "chosen_logps", "rejected_logps"}` (ids may repeat).
+
+    The forward is `dpo_core.logps.FORWARDS[forward_mode]`, the one training uses for an online reference.
+    It runs under `torch.inference_mode` (no autograd bookkeeping at all) except under DeepSpeed and FSDP,
+    whose parameter gathering writes to parameters, which inference mode forbids: `no_grad` there.
+    """
+    from accelerate.utils import DistributedType
+
+    # Longest first: batches of similar lengths pad less. accelerate shards batches over processes and
+    # repeats examples to give every process the same number of forwards (ZeRO-3 needs that).
+    ordered = sorted(examples, key=lambda e: -(len(e.prompt_ids) + max(len(e.chosen_ids), len(e.rejected_ids))))
+    loader = accelerator.prepare(torch.utils.data.DataLoader(
+        PairDataset(ordered), batch_size=batch_size, shuffle=False,
+        collate_fn=partial(COLLATORS[forward_mode], pad_token_id=pad_token_id)))
+    sharded = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+    forward = partial(FORWARDS[forward_mode], ld_alpha=ld_alpha, chunk_size=chunk_size)
+    ids, chosen, rejected = [], [], []
+    with torch.no_grad() if sharded else torch.inference_mode():
+        for batch in loader:
+            with accelerator.autocast():
+                out = forward(model, batch)
+            ids.append(batch["ids"].cpu())
+            chosen.append(out.chosen_logps.float().cpu())
+            rejected.append(out.rejected_logps.float().cpu())
+    empty = torch.zeros(0)
+    return {"ids": torch.cat(ids) if ids else empty.long(), "chosen_logps": torch.cat(chosen) if chosen else empty,
+            "rejected_logps": torch.cat(rejected) if rejected else empty}
+
+
+def compute_reference(accelerator, model, examples_by_split: dict, partials_dir: str | Path, *, atol: float,
+                      **forward_kwargs) -> tuple[dict[str, tuple[Tensor, Tensor, Tensor]] | None, dict[str, float]]:
+    """Every process runs `forward_split` on its shard of each split; the main process merges the shards.
+
+    The per-process results go through `partials_dir` (a directory all processes share; removed at the end).
+
+    Args:
+        examples_by_split: `{split: [Example]}`.
+        atol: how closely two forwards of a repeated example must agree (`merge_partials`).
+        forward_kwargs: `forward_split`'s keyword arguments (batch_size, pad_token_id, ld_alpha, ...).
+    Returns:
+        `(results for write_cache on the main process (None elsewhere), seconds per split)`.
+    """
+    from safetensors.torch import load_file
+
+    partials = Path(partials_dir)
+    if accelerator.is_main_process:
+        shutil.rmtree(partials, ignore_errors=True)  # a crashed earlier run's leftovers
+        partials.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    seconds = {}
+    for split, split_examples in examples_by_split.items():
+        start = time.perf_counter()
+        part = forward_split(accelerator, model, split_examples, **forward_kwargs)
+        save_file(part, str(partials / f"{split}-rank{accelerator.process_index:05d}.safetensors"))
+        accelerator.wait_for_everyone()
+        seconds[split] = time.perf_counter() - start
+    results = None
+    if accelerator.is_main_process:
+        results = {}
+        for split, split_examples in examples_by_split.items():
+            parts = [load_file(str(partials / f"{split}-rank{rank:05d}.safetensors"))
+                     for rank in range(accelerator.num_processes)]
+            results[split] = merge_partials(parts, [e.id for e in split_examples], split=split, atol=atol)
+        shutil.rmtree(partials, ignore_errors=True)
+    return results, seconds
 
 
 # ---------------------------------------------------------------------------------------------- writing

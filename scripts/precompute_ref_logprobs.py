@@ -19,51 +19,26 @@ r"""Reference log-probs of every preference pair, computed once, offline, sharde
 The reference model is --ref_model_name_or_path, else --model_name_or_path. --seed and --ld_alpha must equal
 the dpo.py run's; the cache's fingerprint names any setting that differs when dpo.py loads it. With several
 processes, `<output_dir>.partials/` must be on a filesystem all of them share. With --on_invalid skip, the
-skipped records are listed in `<output_dir>.invalid_records.jsonl`.
+skipped records are listed in `<output_dir>.invalid_records.jsonl`. --forward_mode (concat, padding_free,
+shared_prefix) and --logps_chunk_size change the speed and memory of the forwards, not the log-probs (equal to
+float32 rounding), so they are not part of the cache's fingerprint and need not match the dpo.py run's.
 """
 
-import shutil
-import time
-from functools import partial
 from pathlib import Path
 
-import torch
 from accelerate.utils import DistributedType
-from safetensors.torch import load_file, save_file
 
 from dpo_core import data as data_lib
 from dpo_core.config import DataArguments, DPOArguments, ModelArguments, TrainArguments, parse_config, run_cli
-from dpo_core.logps import FORWARDS
 from dpo_core.modeling import load_model, load_tokenizer
 from dpo_core.ref_cache import (
     PrecomputeArguments,
     check_output_dir,
-    merge_partials,
+    compute_reference,
     reference_fingerprint,
     write_cache,
 )
 from dpo_core.training import make_accelerator
-
-
-@torch.no_grad()  # no_grad, not inference_mode: ZeRO-3 writes to parameters while gathering them
-def forward_split(accelerator, model, examples, batch_size: int, pad_token_id: int, ld_alpha):
-    """This process's share of a split: `{"ids", "chosen_logps", "rejected_logps"}` (ids may repeat)."""
-    # Longest first: batches of similar lengths pad less. accelerate shards batches over processes and
-    # repeats examples to give every process the same number of forwards (ZeRO-3 needs that).
-    ordered = sorted(examples, key=lambda e: -(len(e.prompt_ids) + max(len(e.chosen_ids), len(e.rejected_ids))))
-    loader = accelerator.prepare(torch.utils.data.DataLoader(
-        data_lib.PairDataset(ordered), batch_size=batch_size, shuffle=False,
-        collate_fn=partial(data_lib.collate_concat, pad_token_id=pad_token_id)))
-    ids, chosen, rejected = [], [], []
-    for batch in loader:
-        with accelerator.autocast():
-            out = FORWARDS["concat"](model, batch, ld_alpha=ld_alpha)  # the same forward as the online reference
-        ids.append(batch["ids"].cpu())
-        chosen.append(out.chosen_logps.float().cpu())
-        rejected.append(out.rejected_logps.float().cpu())
-    empty = torch.zeros(0)
-    return {"ids": torch.cat(ids) if ids else empty.long(), "chosen_logps": torch.cat(chosen) if chosen else empty,
-            "rejected_logps": torch.cat(rejected) if rejected else empty}
 
 
 def main(argv=None):
@@ -96,36 +71,20 @@ def main(argv=None):
         model = accelerator.prepare_model(model, evaluation_mode=True)
     model.eval()
 
-    partials = output_dir.with_name(output_dir.name + ".partials")  # shared by all processes
+    # Repeated examples (padding of the last batches) ran in other batches: in float32 their log-probs
+    # agree to ~1e-6; low precision may differ more with the padding length, and is only sanity-checked.
+    exact = accelerator.mixed_precision == "no" and model_args.torch_dtype == "float32"
+    results, seconds = compute_reference(
+        accelerator, model, examples, output_dir.with_name(output_dir.name + ".partials"),
+        atol=1e-5 if exact else 2e-2, batch_size=args.per_device_batch_size, pad_token_id=tokenizer.pad_token_id,
+        ld_alpha=args.ld_alpha, forward_mode=args.forward_mode, chunk_size=args.logps_chunk_size)
     if accelerator.is_main_process:
-        shutil.rmtree(partials, ignore_errors=True)  # a crashed earlier run's leftovers
-        partials.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    seconds = {}
-    for split, split_examples in examples.items():
-        start = time.perf_counter()
-        part = forward_split(accelerator, model, split_examples, args.per_device_batch_size,
-                             tokenizer.pad_token_id, args.ld_alpha)
-        save_file(part, str(partials / f"{split}-rank{accelerator.process_index:05d}.safetensors"))
-        accelerator.wait_for_everyone()
-        seconds[split] = time.perf_counter() - start
-
-    if accelerator.is_main_process:
-        # Repeated examples (padding of the last batches) ran in other batches: in float32 their log-probs
-        # agree to ~1e-6; low precision may differ more with the padding length, and is only sanity-checked.
-        exact = accelerator.mixed_precision == "no" and model_args.torch_dtype == "float32"
-        tolerance = 1e-5 if exact else 2e-2
-        results = {}
-        for split, split_examples in examples.items():
-            parts = [load_file(str(partials / f"{split}-rank{rank:05d}.safetensors"))
-                     for rank in range(accelerator.num_processes)]
-            results[split] = merge_partials(parts, [e.id for e in split_examples], split=split, atol=tolerance)
         write_cache(output_dir, fingerprint, results, overwrite=args.overwrite)
-        shutil.rmtree(partials, ignore_errors=True)
         for split, split_examples in examples.items():
             n, s = len(split_examples), seconds[split]
             print(f"{split}: {n} pairs in {s:.1f} s ({n / max(s, 1e-9):.1f} pairs/s), "
-                  f"num_processes={accelerator.num_processes}, mixed_precision={accelerator.mixed_precision}")
+                  f"num_processes={accelerator.num_processes}, mixed_precision={accelerator.mixed_precision}, "
+                  f"forward_mode={args.forward_mode}")
         print(f"reference cache written to {output_dir}")
     accelerator.wait_for_everyone()  # if the merge failed on the main process, the launcher stops the others
     accelerator.end_training()

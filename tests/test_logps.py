@@ -9,8 +9,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from dpo_core.data import Example, collate_concat
-from dpo_core.logps import FORWARDS, concatenated_forward, sequence_logps
+from dpo_core.data import COLLATORS, Example, collate_concat
+from dpo_core.logps import (
+    FORWARDS,
+    concatenated_forward,
+    padding_free_forward,
+    sequence_logps,
+    shared_prefix_forward,
+)
 
 PAD = 0
 
@@ -133,3 +139,226 @@ def test_padding_token_values_do_not_matter(model):
     torch.testing.assert_close(a.chosen_logps, b.chosen_logps, atol=1e-5, rtol=1e-6)
     torch.testing.assert_close(a.rejected_logps, b.rejected_logps, atol=1e-5, rtol=1e-6)
     assert FORWARDS["concat"] is concatenated_forward
+
+
+# ------------------------------------------------------------------ forward modes and chunked log-probs
+#
+# Every layout (concat, padding_free, shared_prefix) with and without chunked log-probs must give the plain
+# concat path's numbers: all ForwardOutput fields to atol 1e-5 + rtol 1e-6 (sums of ~100 carry ~1e-5 of
+# float32 rounding), and gradients w.r.t. every parameter to 1e-5 of the largest gradient entry. The plain
+# concat path itself is checked against a float64 per-token loop over separate forwards.
+
+MODES = ["concat", "padding_free", "shared_prefix"]
+FIELDS = ["chosen_logps", "rejected_logps", "chosen_lengths", "rejected_lengths", "chosen_nll",
+          "chosen_mean_logits", "rejected_mean_logits", "chosen_wpo_log_weights", "rejected_wpo_log_weights"]
+
+
+def load_scaled(model_dir, attn, dtype=torch.float32):
+    m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn)
+    with torch.no_grad():
+        m.lm_head.weight.mul_(50)
+    return m.eval()
+
+
+def run_mode(model, examples, mode, chunk_size, **kwargs):
+    """ForwardOutput and the gradient of a loss that touches every output, w.r.t. the trainable parameters."""
+    model.zero_grad(set_to_none=True)
+    out = FORWARDS[mode](model, COLLATORS[mode](examples, pad_token_id=PAD), chunk_size=chunk_size, **kwargs)
+    loss = out.chosen_logps.sum() - 0.7 * out.rejected_logps.sum() + 0.1 * out.chosen_nll.sum()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return out, grads
+
+
+def assert_same(out, ref, grads, ref_grads):
+    for name in FIELDS:
+        a, b = getattr(out, name), getattr(ref, name)
+        if b is None:
+            assert a is None, name
+            continue
+        assert a.dtype == b.dtype, name
+        torch.testing.assert_close(a.detach(), b.detach(), atol=1e-5, rtol=1e-6, msg=name)
+    scale = max(g.abs().max().item() for g in ref_grads.values())
+    assert set(grads) == set(ref_grads)
+    for name, g in ref_grads.items():
+        assert (grads[name] - g).abs().max().item() <= 1e-5 * scale, name
+
+
+@pytest.fixture(scope="module", params=["eager", "sdpa"])
+def attn_model(request, tiny_model_dir):
+    return load_scaled(tiny_model_dir, request.param)
+
+
+def test_every_mode_and_chunking_equals_plain_concat_values_and_gradients(attn_model):
+    # Odd lengths, a one-token completion, prompts longer than completions; chunk 3 splits sequences.
+    examples = make_examples(5, seed=4) + [Example(9, [7, 8, 9, 10, 11, 12, 13], [14], [15, 16, 17])]
+    for kwargs in ({"wpo": True, "ld_alpha": 0.5},):
+        ref, ref_grads = run_mode(attn_model, examples, "concat", 0, **kwargs)
+        for mode in MODES:
+            for chunk_size in (0, 3):
+                if (mode, chunk_size) != ("concat", 0):
+                    out, grads = run_mode(attn_model, examples, mode, chunk_size, **kwargs)
+                    assert_same(out, ref, grads, ref_grads)
+
+
+def naive_logps_f64(model64, prompt, completion):
+    """sum_t log p(completion_t | ...) from a float64 copy of the model, one sequence alone, one token at a time."""
+    with torch.no_grad():
+        logits = model64(torch.tensor([prompt + completion])).logits[0]
+    return sum((logits[len(prompt) + t - 1].log_softmax(-1)[tok]).item() for t, tok in enumerate(completion))
+
+
+def test_every_mode_equals_float64_per_token_loop(attn_model):
+    model64 = AutoModelForCausalLM.from_pretrained(attn_model.name_or_path, dtype=torch.float64,
+                                                   attn_implementation="eager")
+    model64.load_state_dict({k: v.double() for k, v in attn_model.state_dict().items()})
+    examples = make_examples(4, seed=5)
+    expected = [(naive_logps_f64(model64, e.prompt_ids, e.chosen_ids), naive_logps_f64(model64, e.prompt_ids,
+                                                                                       e.rejected_ids))
+                for e in examples]
+    for mode in MODES:
+        for subset in (examples, examples[2:3]):  # and a batch of one
+            with torch.no_grad():
+                out = FORWARDS[mode](attn_model, COLLATORS[mode](subset, pad_token_id=PAD), chunk_size=2)
+            want = expected if len(subset) > 1 else expected[2:3]
+            torch.testing.assert_close(out.chosen_logps.double(), torch.tensor([c for c, _ in want],
+                                       dtype=torch.float64), atol=1e-5, rtol=1e-6)
+            torch.testing.assert_close(out.rejected_logps.double(), torch.tensor([r for _, r in want],
+                                       dtype=torch.float64), atol=1e-5, rtol=1e-6)
+
+
+def test_the_masks_really_apply(attn_model):
+    """Negative controls: without restarting positions the padding-free row is one long sequence, and without
+    the shared-prefix mask rejected tokens see chosen ones; either changes the numbers by far more than 1e-5."""
+    examples = make_examples(3, seed=6)
+    with torch.no_grad():
+        ref = concatenated_forward(attn_model, collate_concat(examples, PAD))
+        batch = COLLATORS["padding_free"](examples, pad_token_id=PAD)
+        batch["position_ids"] = torch.arange(batch["input_ids"].shape[1]).unsqueeze(0)
+        leaky = padding_free_forward(attn_model, batch)
+        batch = COLLATORS["shared_prefix"](examples, pad_token_id=PAD)
+        batch["segment"] = torch.zeros_like(batch["segment"])  # plain causal within each pair
+        seeing = shared_prefix_forward(attn_model, batch)
+    assert (leaky.chosen_logps - ref.chosen_logps).abs().max() > 1e-2
+    assert (seeing.rejected_logps - ref.rejected_logps).abs().max() > 1e-2
+    torch.testing.assert_close(seeing.chosen_logps, ref.chosen_logps, atol=1e-5, rtol=1e-6)  # chosen unaffected
+
+
+def test_shared_prefix_packs_pairs_into_rows():
+    examples = [Example(0, [5] * 10, [6] * 4, [7] * 3), Example(1, [5] * 2, [6], [7]), Example(2, [5] * 3, [6], [7])]
+    batch = COLLATORS["shared_prefix"](examples, pad_token_id=PAD)
+    assert batch["input_ids"].shape == (1, 17) or batch["input_ids"].shape[0] == 2
+    assert batch["input_ids"].shape[1] == 17  # the longest pair
+    assert batch["input_ids"].shape[0] == 2  # pairs 1 and 2 (4 + 5 tokens) share the second row
+    assert batch["num_tokens"].item() == 2 * 10 + 4 + 3 + 2 * 2 + 2 + 2 * 3 + 2
+    assert batch["num_positions"].item() == 2 * 17
+    # pair 0: positions restart after the prompt for the rejected part
+    assert batch["position_ids"][0].tolist() == list(range(14)) + [10, 11, 12]
+    pf = COLLATORS["padding_free"](examples, pad_token_id=PAD)
+    assert pf["num_tokens"].item() == batch["num_tokens"].item() == collate_concat(examples, PAD)["num_tokens"].item()
+    assert pf["cu_seq_lens"].tolist() == [0, 14, 17, 21, 34, 37, 41]
+
+
+def test_flex_block_mask_equals_the_dense_mask():
+    """The FlexAttention mask_mod (a BlockMask on GPU) is the dense sdpa/eager mask, and uncompiled
+    flex_attention under it computes what SDPA computes under the dense one. (transformers compiles flex
+    attention inside the model, minutes on CPU: the model-level flex forward runs in the GPU test.)"""
+    from torch.nn.attention.flex_attention import create_block_mask, create_mask, flex_attention
+
+    from dpo_core.logps import shared_prefix_attention_mask, shared_prefix_mask_mod
+
+    examples = make_examples(5, seed=7)
+    batch = COLLATORS["shared_prefix"](examples, pad_token_id=PAD)
+    rows, length = batch["input_ids"].shape
+    dense = shared_prefix_attention_mask(batch, "sdpa", torch.float32)
+    mod = shared_prefix_mask_mod(batch["pair_index"], batch["segment"])
+    assert torch.equal(create_mask(mod, rows, None, length, length, device="cpu"), dense)
+    eager = shared_prefix_attention_mask(batch, "eager", torch.float32)
+    assert torch.equal(eager == 0, dense)
+    q, k, v = torch.randn(3, rows, 2, length, 8).unbind(0)
+    block_mask = create_block_mask(mod, rows, None, length, length, device="cpu")
+    torch.testing.assert_close(flex_attention(q, k, v, block_mask=block_mask),
+                               torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flex_attention inside the model needs torch.compile "
+                    "(minutes on CPU) and has no CPU backward; runs on a GPU")
+def test_flex_attention_model_forward_on_gpu(tiny_model_dir):
+    model = load_scaled(tiny_model_dir, "flex_attention").cuda()
+    examples = make_examples(3, seed=7)
+
+    def on_gpu(batch):
+        return {k: v.cuda() for k, v in batch.items()}
+
+    ref = concatenated_forward(model, on_gpu(collate_concat(examples, PAD)), chunk_size=0)
+    for mode in ("padding_free", "shared_prefix"):
+        out = FORWARDS[mode](model, on_gpu(COLLATORS[mode](examples, pad_token_id=PAD)))
+        torch.testing.assert_close(out.chosen_logps, ref.chosen_logps, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(out.rejected_logps, ref.rejected_logps, atol=1e-4, rtol=1e-5)
+        (out.chosen_logps.sum() - out.rejected_logps.sum()).backward()  # flex backward exists on GPU
+
+
+def test_bf16_weights_give_float32_logps_in_every_mode(tiny_model_dir):
+    model = load_scaled(tiny_model_dir, "sdpa", torch.bfloat16)
+    examples = make_examples(3, seed=8)
+    with torch.no_grad():
+        ref = concatenated_forward(model, collate_concat(examples, PAD), chunk_size=0)
+        for mode in MODES:
+            out = FORWARDS[mode](model, COLLATORS[mode](examples, pad_token_id=PAD), chunk_size=4)
+            assert out.chosen_logps.dtype == out.chosen_nll.dtype == torch.float32
+            # bf16 hidden states differ with the layout (other kernels); the log-softmax itself is float32.
+            torch.testing.assert_close(out.chosen_logps, ref.chosen_logps, atol=0.5, rtol=2e-2)
+
+
+def test_lora_policy_chunked_equals_plain(tiny_model_dir):
+    """LoRA on attention and on lm_head itself: the chunked head calls the LoRA-wrapped lm_head."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    model = get_peft_model(load_scaled(tiny_model_dir, "sdpa"), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"], init_lora_weights=False))
+    examples = make_examples(3, seed=9)
+    ref, ref_grads = run_mode(model, examples, "concat", 0, wpo=True)
+    assert ref_grads and all("lora" in n for n in ref_grads) and any("lm_head" in n for n in ref_grads)
+    for mode in MODES:
+        out, grads = run_mode(model, examples, mode, 2, wpo=True)
+        assert_same(out, ref, grads, ref_grads)
+
+
+class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest tensor any op creates (forward and backward) while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel() * t.element_size())
+        return out
+
+
+def test_chunked_logps_never_allocate_full_logits(tmp_path):
+    """vocab 32768: the plain path creates [2B, T, V] float32 logits; the chunked one nothing near that size."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=32768, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, attn_implementation="sdpa")
+    model = LlamaForCausalLM(config)
+    examples = make_examples(4, seed=10, vocab=32768)
+    examples = [Example(e.id, e.prompt_ids * 6, e.chosen_ids * 3, e.rejected_ids * 3) for e in examples]
+    batch = collate_concat(examples, PAD)
+    logits_bytes = batch["input_ids"].numel() * config.vocab_size * 4
+    sizes = {}
+    for chunk_size in (0, 16):
+        with _LargestTensor() as watch:
+            out = concatenated_forward(model, batch, chunk_size=chunk_size)
+            (out.chosen_logps.sum() - out.rejected_logps.sum()).backward()
+        sizes[chunk_size] = watch.largest
+    weight_bytes = max(p.numel() * p.element_size() for p in model.parameters())  # embeddings, lm_head (+grads)
+    assert sizes[0] >= logits_bytes  # the watch sees the plain path's logits (the test can fail)
+    assert sizes[16] <= max(16 * config.vocab_size * 4, weight_bytes) < logits_bytes / 10

@@ -407,4 +407,5 @@ def test_two_processes_give_the_same_cache(setup, loopback_hosts):
         a, b = load_file(str(setup["cache"] / f"{split}.safetensors")), load_file(str(out / f"{split}.safetensors"))
         assert a["ids"].tolist() == b["ids"].tolist() == sorted(ids[split])
         for x, y in zip(one.get(split, a["ids"]), two.get(split, a["ids"])):
-            torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
+            # Other batches: the lm_head matmul runs over other row counts and may round 1 ulp apart.
+            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
