@@ -18,6 +18,7 @@ from transformers import get_scheduler
 
 from . import data as data_lib
 from .config import save_config
+from .distributed import configure_deepspeed, prepare_reference, shutdown
 from .logps import FORWARDS
 from .losses import dpo_loss, preference_metrics
 from .modeling import load_model, load_model_and_tokenizer
@@ -104,6 +105,7 @@ def train_dpo(model_args, data_args, dpo_args, train_args) -> dict:
     if not train_args.output_dir:
         raise ValueError("--output_dir is required")
     accelerator = build_accelerator(train_args)
+    configure_deepspeed(accelerator, max_grad_norm=train_args.max_grad_norm)
     accelerator.print(f"num_processes {accelerator.num_processes} ({accelerator.distributed_type}), "
                       f"device {accelerator.device}, mixed_precision {accelerator.mixed_precision}")
     set_seed(train_args.seed)
@@ -151,8 +153,9 @@ def train_dpo(model_args, data_args, dpo_args, train_args) -> dict:
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
     if ref_model is not None:
-        # Frozen and never wrapped: not prepared, so checkpoints do not carry a second copy of the weights.
-        ref_model = ref_model.to(accelerator.device)
+        # Frozen, sharded like the policy under ZeRO-3/FSDP, and not registered with the accelerator:
+        # checkpoints do not carry a second copy of the weights.
+        ref_model = prepare_reference(accelerator, ref_model, micro_batch_size=train_args.per_device_train_batch_size)
 
     max_steps = total_steps(train_args, len(train_loader))
     warmup = train_args.warmup_steps or math.ceil(train_args.warmup_ratio * max_steps)
@@ -171,9 +174,11 @@ def train_dpo(model_args, data_args, dpo_args, train_args) -> dict:
     metrics = train_loop(accelerator, model, optimizer, scheduler, train_loader, step_fn, train_args,
                          eval_loader=eval_loader, max_steps=max_steps, state=state)
     metrics["num_processes"] = accelerator.num_processes
+    metrics["distributed_type"] = accelerator.distributed_type.value
     save_final(accelerator, model, tokenizer, output_dir, metrics)
     accelerator.print(format_metrics(metrics))
     accelerator.end_training()
+    shutdown(accelerator)
     return metrics
 
 

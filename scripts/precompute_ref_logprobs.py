@@ -28,11 +28,11 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 
 from dpo_core import data as data_lib
 from dpo_core.config import DataArguments, DPOArguments, ModelArguments, TrainArguments, parse_config, run_cli
+from dpo_core.distributed import prepare_reference, shutdown
 from dpo_core.logps import FORWARDS
 from dpo_core.modeling import load_model, load_tokenizer
 from dpo_core.ref_cache import (
@@ -90,11 +90,8 @@ def main(argv=None):
             ld_alpha=args.ld_alpha, mixed_precision=accelerator.mixed_precision, seed=args.seed)
     model = load_model(ref_path, torch_dtype=model_args.torch_dtype, attn_implementation=model_args.attn_implementation,
                        revision=model_args.revision, trust_remote_code=model_args.trust_remote_code, trainable=False)
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        model = accelerator.prepare(model)  # ZeRO-3 shards the weights (every rank runs the same forwards)
-    else:  # frozen: one full copy per process, no DDP wrapper (FSDP: the model must fit one device)
-        model = accelerator.prepare_model(model, evaluation_mode=True)
-    model.eval()
+    # ZeRO-3 and FSDP shard the weights (every rank runs the same forwards); otherwise one copy per process.
+    model = prepare_reference(accelerator, model, micro_batch_size=args.per_device_batch_size)
 
     partials = output_dir.with_name(output_dir.name + ".partials")  # shared by all processes
     if accelerator.is_main_process:
@@ -129,6 +126,7 @@ def main(argv=None):
         print(f"reference cache written to {output_dir}")
     accelerator.wait_for_everyone()  # if the merge failed on the main process, the launcher stops the others
     accelerator.end_training()
+    shutdown(accelerator)
 
 
 if __name__ == "__main__":
