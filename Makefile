@@ -11,8 +11,10 @@ install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
 	$(PIP) install -q -e .
 
+# DeepSpeed's build imports torch: installed without build isolation (keeps the installed torch).
 install-test: install
 	$(PIP) install -q -e ".[test]" ruff
+	$(PIP) install -q --no-build-isolation "deepspeed>=0.16"
 
 # Reference precompute -> DPO (no reference model in memory) -> held-out metrics, on the tiny demo model.
 quickstart: install

@@ -14,6 +14,10 @@ r"""Reference log-probs of every preference pair, computed once, offline, sharde
         --model_name_or_path runs/sft --dataset_name data/prefs --eval_split test --max_length 2048 \
         --torch_dtype bfloat16 --output_dir runs/ref-cache --per_device_batch_size 64
 
+    # DeepSpeed ZeRO-3 shards the reference over the processes (FSDP likewise, with accelerate_configs/fsdp.yaml)
+    accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml scripts/precompute_ref_logprobs.py \
+        --model_name_or_path runs/sft --dataset_name data/prefs --eval_split test --output_dir runs/ref-cache
+
     # then: accelerate launch scripts/dpo.py ... --ref_logprobs runs/ref-cache   (no reference model loaded)
 
 The reference model is --ref_model_name_or_path, else --model_name_or_path. --seed and --ld_alpha must equal

@@ -12,6 +12,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -59,7 +60,9 @@ def launch(config: str, script, args, *, launch_args=(), env=None, check=True, b
     kwargs = dict(cwd=ROOT, env=env or subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if background:
         return subprocess.Popen(cmd, **kwargs)
+    start = time.perf_counter()
     proc = subprocess.run(cmd, timeout=600, **kwargs)
+    print(f"{config} {Path(args[args.index('--output_dir') + 1]).name}: {time.perf_counter() - start:.1f} s")
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
                              f"{proc.stderr[-6000:]}")
@@ -284,7 +287,7 @@ def test_precompute_under_zero2_and_zero3_equals_one_process(runs):
             for key in ("chosen_logps", "rejected_logps"):
                 worst = max(worst, (a[key] - b[key]).abs().max().item())
         print(f"precompute {stage} (2 processes) vs 1 process: max |logp diff| {worst:.3g}")
-        assert worst <= 1e-4
+        assert worst <= 1e-5  # float32 batching noise at most (measured: 0, the same batches)
 
 
 @pytest.mark.gpu
