@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -202,6 +203,21 @@ def test_config_is_parsed_by_accelerate_and_builds_its_plugin(name, monkeypatch)
         assert "transformer_auto_wrap_policy" in getattr(plugin.auto_wrap_policy, "__name__", "")
 
 
+def test_deepspeed_clipping_comes_from_max_grad_norm():
+    from dpo_core.distributed import configure_deepspeed
+
+    def accelerator(config):
+        return SimpleNamespace(distributed_type="DEEPSPEED",
+                               state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=config)))
+
+    for config in ({"gradient_clipping": "auto"}, {}):  # "auto" (the YAMLs), or a JSON without the key
+        configure_deepspeed(accelerator(config), max_grad_norm=0.5)
+        assert config["gradient_clipping"] == 0.5
+    configure_deepspeed(accelerator({"gradient_clipping": 0.5}), max_grad_norm=0.5)
+    with pytest.raises(ValueError, match=r"gradient_clipping=1.0 but --max_grad_norm is 0.5"):
+        configure_deepspeed(accelerator({"gradient_clipping": 1.0}), max_grad_norm=0.5)
+
+
 # ----------------------------------------------------------------------------------------- real runs
 @pytest.mark.slow
 def test_every_run_used_two_processes_and_its_backend(runs):
@@ -227,6 +243,15 @@ def test_zero2_equals_ddp(runs):
     # Not bitwise: DeepSpeed averages gradients in a reduce-scatter, DDP in an all-reduce (measured 3.8e-7).
     assert weight_diff <= 2e-6
     assert max_weight_diff(out["ddp"], runs["model"]) > 1e-3  # training moved the weights
+    # DeepSpeed clips inside its step, to --max_grad_norm 0.5 (configure_deepspeed): the clipping acted
+    # (norms above 0.5), and the norm it reports is DDP's; the skipped step logs none in either.
+    norms = {name: read_scalars(out[name] / "logs")["train/grad_norm"] for name in ("ddp", "zero2", "zero3")}
+    assert sorted(norms["ddp"]) == [s for s in range(1, STEPS + 1) if s != NAN_STEP]
+    assert max(norms["ddp"].values()) > 0.5
+    for name in ("zero2", "zero3"):
+        assert sorted(norms[name]) == sorted(norms["ddp"])
+        for step, value in norms["ddp"].items():
+            assert norms[name][step] == pytest.approx(value, rel=1e-5), (name, step)
 
 
 @pytest.mark.slow
@@ -288,6 +313,69 @@ def test_precompute_under_zero2_and_zero3_equals_one_process(runs):
                 worst = max(worst, (a[key] - b[key]).abs().max().item())
         print(f"precompute {stage} (2 processes) vs 1 process: max |logp diff| {worst:.3g}")
         assert worst <= 1e-5  # float32 batching noise at most (measured: 0, the same batches)
+
+
+FSDP2_WORKER = """
+import json, sys
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+from accelerate.utils import FullyShardedDataParallelPlugin
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import FSDPModule
+from transformers import AutoModelForCausalLM
+
+from dpo_core.distributed import prepare_reference
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+model_dir, out = sys.argv[1], sys.argv[2]
+plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                                        reshard_after_forward=True, cpu_ram_efficient_loading=True,
+                                        sync_module_states=True)
+# The fields of an Accelerator that the FSDP2 path reads (accelerate's FSDP Accelerator needs GPUs).
+accelerator = SimpleNamespace(distributed_type="FSDP", state=SimpleNamespace(fsdp_plugin=plugin),
+                              device=torch.device("cpu"), mixed_precision="no", is_main_process=rank == 0)
+full = AutoModelForCausalLM.from_pretrained(model_dir)
+ref = AutoModelForCausalLM.from_pretrained(model_dir)
+if rank != 0:  # fsdp_cpu_ram_efficient_loading: only rank 0 read the weights
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.zero_()
+ref = prepare_reference(accelerator, ref, micro_batch_size=2)
+result = {"training": ref.training, "layers_sharded": all(isinstance(m, FSDPModule) for m in ref.model.layers),
+          "local_params": sum(p.to_local().numel() for p in ref.parameters()),  # before a forward unshards the root
+          "total_params": sum(p.numel() for p in full.parameters())}
+ids = torch.randint(0, full.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    result["logit_diff"] = (ref(input_ids=ids).logits - full(input_ids=ids).logits).abs().max().item()
+# What save_final gets from accelerator.get_state_dict under FSDP2: the full weights, on rank 0.
+gathered = get_model_state_dict(ref, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+if rank == 0:
+    result["state_dict_diff"] = max((gathered[k] - v).abs().max().item() for k, v in full.state_dict().items())
+json.dump(result, open(f"{out}/rank{rank}.json", "w"))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_fsdp2_reference_is_sharded_per_layer_and_filled_from_rank0(tiny_model_dir, tmp_path):
+    """dpo_core's FSDP2 reference path with plain torch FSDP2 on 2 CPU processes (gloo): per-layer shards,
+    rank 1's empty weights filled from rank 0, the same logits as the unsharded model, a full state dict."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(FSDP2_WORKER)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), str(worker), str(tiny_model_dir), str(tmp_path)],
+                          cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for result in ranks:
+        assert result["layers_sharded"] and not result["training"]
+        assert result["logit_diff"] <= 1e-6
+        assert result["local_params"] < 0.6 * result["total_params"]  # about half of the weights per rank
+    assert sum(r["local_params"] for r in ranks) == ranks[0]["total_params"]
+    assert ranks[0]["state_dict_diff"] == 0
 
 
 @pytest.mark.gpu
