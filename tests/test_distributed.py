@@ -232,6 +232,8 @@ def test_every_run_used_two_processes_and_its_backend(runs):
     assert "num_processes 2 (DistributedType.DEEPSPEED)" in runs["logs"]["zero3"].stdout
     for stage in ("zero2", "zero3"):
         assert "num_processes=2" in runs["logs"][f"cache_{stage}"].stdout
+    for name, proc in runs["logs"].items():  # teardown was clean everywhere (dpo_core.distributed.shutdown)
+        assert proc.returncode == 0 and "terminate called" not in proc.stderr, name
 
 
 @pytest.mark.slow
