@@ -11,8 +11,10 @@ install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
 	$(PIP) install -q -e .
 
+# DeepSpeed's build imports torch: installed without build isolation (keeps the installed torch).
 install-test: install
 	$(PIP) install -q -e ".[test]" ruff
+	$(PIP) install -q --no-build-isolation "deepspeed>=0.16"
 
 # SFT -> reference precompute (of the SFT model) -> DPO from SFT (no reference model in memory) -> evaluation
 # of SFT and DPO against the base model on the held-out pairs, printed side by side. All on the tiny demo model.

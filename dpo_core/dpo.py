@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from . import data as data_lib
 from .config import DPOConfig
+from .distributed import prepare_reference, shutdown
 from .logps import FORWARDS
 from .losses import dpo_loss, preference_metrics
 from .modeling import load_model, load_model_and_tokenizer
@@ -132,8 +133,9 @@ def run_dpo(model_args, data_args, dpo_args, train_args) -> dict:
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
     if ref_model is not None:
-        # Frozen and never wrapped: not prepared, so checkpoints do not carry a second copy of the weights.
-        ref_model = ref_model.to(accelerator.device)
+        # Frozen, sharded like the policy under ZeRO-3/FSDP, and not registered with the accelerator:
+        # checkpoints do not carry a second copy of the weights.
+        ref_model = prepare_reference(accelerator, ref_model, micro_batch_size=train_args.per_device_train_batch_size)
 
     scheduler, state, max_steps = schedule_and_resume(accelerator, optimizer, train_args, len(train_loader),
                                                       model_args, data_args, dpo_args, train_args)
@@ -158,9 +160,11 @@ def require_examples(examples: dict, data_args) -> None:
 def finish_run(accelerator, model, tokenizer, output_dir: Path, metrics: dict) -> dict:
     """The end of every training run: final model and metrics saved, metrics printed, trackers closed."""
     metrics["num_processes"] = accelerator.num_processes
+    metrics["distributed_type"] = accelerator.distributed_type.value
     save_final(accelerator, model, tokenizer, output_dir, metrics)
     accelerator.print(format_metrics(metrics))
     accelerator.end_training()
+    shutdown(accelerator)
     return metrics
 
 

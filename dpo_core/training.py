@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from .config import resolved_config, save_config
+from .distributed import configure_deepspeed
 
 logger = get_logger(__name__)
 
@@ -222,6 +223,7 @@ def start_run(train_args, *configs) -> tuple[Accelerator, Path]:
     if not train_args.output_dir:
         raise ValueError("--output_dir is required")
     accelerator = build_accelerator(train_args)
+    configure_deepspeed(accelerator, max_grad_norm=train_args.max_grad_norm)  # before any `prepare`
     accelerator.print(f"num_processes {accelerator.num_processes} ({accelerator.distributed_type}), "
                       f"device {accelerator.device}, mixed_precision {accelerator.mixed_precision}")
     set_seed(train_args.seed)
@@ -427,7 +429,15 @@ def apply_update(accelerator: Accelerator, optimizer, scheduler, params, bad: to
 
 
 def grad_norm_and_clip(accelerator: Accelerator, params, max_grad_norm: float) -> torch.Tensor:
-    """Total gradient norm (after the accumulation's all-reduce), clipped to `max_grad_norm` when > 0."""
+    """Total gradient norm (after the accumulation's all-reduce), clipped to `max_grad_norm` when > 0.
+
+    Under DeepSpeed the engine has already clipped (to its `gradient_clipping`, see
+    `dpo_core.distributed.configure_deepspeed`), stepped, and skipped the step if the norm was not finite,
+    inside `accelerator.backward`: this returns its norm before clipping (inf for a skipped step).
+    """
+    if accelerator.distributed_type == "DEEPSPEED":  # a str enum
+        norm = accelerator.clip_grad_norm_(params, max_grad_norm)  # the engine's norm; clips nothing itself
+        return torch.as_tensor(0.0 if norm is None else norm, device=accelerator.device, dtype=torch.float32)
     if max_grad_norm and max_grad_norm > 0:
         norm = accelerator.clip_grad_norm_(params, max_grad_norm)
         if norm is not None:

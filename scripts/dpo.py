@@ -11,6 +11,11 @@ Examples (the tiny demo model: `python scripts/build_tiny_model.py runs/tiny-mod
     accelerate launch --config_file accelerate_configs/multi_cpu.yaml scripts/dpo.py \
         --config recipes/quickstart.yaml --ref_logprobs runs/quickstart/ref-cache --output_dir runs/dpo-2p
 
+    # DeepSpeed ZeRO-3 on 8 GPUs (also deepspeed_zero2.yaml, deepspeed_zero3_offload.yaml, fsdp.yaml, ddp.yaml);
+    # the reference model is sharded like the policy. On CPU: add --num_processes 2 --mixed_precision no
+    accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml scripts/dpo.py \
+        --model_name_or_path runs/tiny-model --dataset_name data/demo --output_dir runs/dpo-z3 --max_steps 60
+
     # any flag may come from a YAML file; the command line overrides it
     accelerate launch scripts/dpo.py --config recipes/quickstart.yaml --output_dir runs/dpo-mix \
         --beta 0.2 --loss_type sigmoid sft --loss_weights 1 0.2

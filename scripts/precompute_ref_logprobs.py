@@ -14,6 +14,10 @@ r"""Reference log-probs of every preference pair, computed once, offline, sharde
         --model_name_or_path runs/sft --dataset_name data/prefs --eval_split test --max_length 2048 \
         --torch_dtype bfloat16 --output_dir runs/ref-cache --per_device_batch_size 64
 
+    # DeepSpeed ZeRO-3 shards the reference over the processes (FSDP likewise, with accelerate_configs/fsdp.yaml)
+    accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml scripts/precompute_ref_logprobs.py \
+        --model_name_or_path runs/sft --dataset_name data/prefs --eval_split test --output_dir runs/ref-cache
+
     # then: accelerate launch scripts/dpo.py ... --ref_logprobs runs/ref-cache   (no reference model loaded)
 
 The reference model is --ref_model_name_or_path, else --model_name_or_path. --seed and --ld_alpha must equal
@@ -26,10 +30,9 @@ float32 rounding), so they are not part of the cache's fingerprint and need not 
 
 from pathlib import Path
 
-from accelerate.utils import DistributedType
-
 from dpo_core import data as data_lib
 from dpo_core.config import DataArguments, DPOArguments, ModelArguments, TrainArguments, parse_config, run_cli
+from dpo_core.distributed import prepare_reference, shutdown
 from dpo_core.modeling import load_model, load_tokenizer
 from dpo_core.ref_cache import (
     PrecomputeArguments,
@@ -65,11 +68,8 @@ def main(argv=None):
             ld_alpha=args.ld_alpha, mixed_precision=accelerator.mixed_precision, seed=args.seed)
     model = load_model(ref_path, torch_dtype=model_args.torch_dtype, attn_implementation=model_args.attn_implementation,
                        revision=model_args.revision, trust_remote_code=model_args.trust_remote_code, trainable=False)
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        model = accelerator.prepare(model)  # ZeRO-3 shards the weights (every rank runs the same forwards)
-    else:  # frozen: one full copy per process, no DDP wrapper (FSDP: the model must fit one device)
-        model = accelerator.prepare_model(model, evaluation_mode=True)
-    model.eval()
+    # ZeRO-3 and FSDP shard the weights (every rank runs the same forwards); otherwise one copy per process.
+    model = prepare_reference(accelerator, model, micro_batch_size=args.per_device_batch_size)
 
     # Repeated examples (padding of the last batches) ran in other batches: in float32 their log-probs
     # agree to ~1e-6; low precision may differ more with the padding length, and is only sanity-checked.
@@ -88,6 +88,7 @@ def main(argv=None):
         print(f"reference cache written to {output_dir}")
     accelerator.wait_for_everyone()  # if the merge failed on the main process, the launcher stops the others
     accelerator.end_training()
+    shutdown(accelerator)
 
 
 if __name__ == "__main__":
