@@ -218,12 +218,15 @@ def total_steps(train_args, batches_per_epoch: int) -> int:
 
 
 def train_loop(accelerator: Accelerator, model, optimizer, scheduler, train_loader, step_fn: Callable, train_args,
-               *, eval_loader=None, max_steps: int, state: TrainState | None = None) -> dict[str, float]:
+               *, eval_loader=None, max_steps: int, state: TrainState | None = None,
+               on_step_end: Callable[[TrainState], None] | None = None) -> dict[str, float]:
     """Runs optimizer steps until `max_steps`; returns the last logged train metrics and eval metrics.
 
     `model`, `optimizer`, `train_loader` and `eval_loader` are already `accelerator.prepare`d. The
     scheduler is stepped here once per optimizer step (not prepared: accelerate would step it once per
-    process). Resume state must be loaded before the call (see `dpo_core.dpo`).
+    process). Resume state must be loaded before the call (see `dpo_core.dpo`). `on_step_end(state)` runs
+    after every optimizer step, skipped (non-finite) ones included, with `state.global_step` already
+    counting it, and before that step's logging, evaluation and checkpoint.
     """
     state = state or TrainState()
     window, params = MetricWindow(), [p for p in model.parameters() if p.requires_grad]
@@ -257,6 +260,8 @@ def train_loop(accelerator: Accelerator, model, optimizer, scheduler, train_load
                 continue
             grad_norm, skipped = apply_update(accelerator, optimizer, scheduler, params, bad, state, train_args)
             bad.zero_()
+            if on_step_end is not None:
+                on_step_end(state)
             bar.update(1)
             if not skipped:  # a skipped step has no meaningful gradient norm to log
                 window.add({"grad_norm": grad_norm.detach().float().reshape(1)})
