@@ -234,6 +234,7 @@ def add_reference_adapter(model, model_args) -> str | None:
     if not is_adapter_dir(path):
         return None
     model.load_adapter(path, adapter_name=REF_ADAPTER, is_trainable=False)
+    disable_dropout(model)  # the new adapter's LoRA dropout: the reference must be deterministic
     return REF_ADAPTER
 
 
@@ -242,24 +243,20 @@ def adapter_reference(model, adapter_name: str | None):
     """Within the block, `model` (an unwrapped `PeftModel`) computes the reference: adapters disabled
     (`adapter_name` None) or the frozen adapter `adapter_name` active.
 
-    The model is put in eval mode meanwhile: every dropout is off already, and a no-grad forward need not
-    run gradient checkpointing. Training mode and the active (trainable) adapter are restored after.
+    The training mode stays as it is: switching a 4-bit model to eval mode on CPU makes bitsandbytes repack
+    its weights for another kernel, and the reference would no longer equal the policy's base bit for bit.
+    The active (trainable) adapter is restored after.
     """
-    was_training = model.training
-    model.eval()
-    try:
-        if adapter_name is None:
-            with model.disable_adapter():
-                yield model
-        else:
-            previous = model.active_adapter
-            model.set_adapter(adapter_name, inference_mode=True)
-            try:
-                yield model
-            finally:
-                model.set_adapter(previous)  # trainable again, the reference adapter frozen
-    finally:
-        model.train(was_training)
+    if adapter_name is None:
+        with model.disable_adapter():
+            yield model
+    else:
+        previous = model.active_adapter
+        model.set_adapter(adapter_name, inference_mode=True)
+        try:
+            yield model
+        finally:
+            model.set_adapter(previous)  # trainable again, the reference adapter frozen
 
 
 def merge_and_save_adapter(adapter_dir: str | Path, output_dir: str | Path, model_args) -> Path:
