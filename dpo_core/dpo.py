@@ -22,8 +22,8 @@ from .config import save_config
 from .logps import FORWARDS
 from .losses import dpo_loss, preference_metrics
 from .modeling import (
-    add_reference_adapter,
     adapter_reference,
+    add_reference_adapter,
     disable_dropout,
     is_peft_model,
     load_model_and_tokenizer,
