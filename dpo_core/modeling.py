@@ -70,6 +70,8 @@ def load_model(name_or_path: str, *, torch_dtype: str = "float32", attn_implemen
         name_or_path, revision=revision, dtype=_DTYPES[torch_dtype], use_safetensors=True,
         attn_implementation=resolve_attn_implementation(attn_implementation), trust_remote_code=trust_remote_code,
         **extra)
+    if quantization_config is not None:
+        keep_4bit_cpu_layout(model)
     disable_dropout(model)
     if not trainable:
         model.requires_grad_(False)
@@ -155,6 +157,19 @@ def quantization_config(model_args):
     compute = _DTYPES[model_args.torch_dtype]
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=torch.float32 if compute == "auto" else compute)
+
+
+def keep_4bit_cpu_layout(model) -> None:
+    """Stops bitsandbytes (0.50) from repacking 4-bit weights for its CPU inference kernel.
+
+    On CPU, a no-grad forward in eval mode (an evaluation) repacks each `Linear4bit` weight in place; later
+    training forwards read the packed weight correctly, but their backward does not: the adapter's gradients
+    came out wrong by ~65% in our test (tests/test_modeling.py checks them against the dequantized weights).
+    Without the repacking, eval and training run the same kernel. No effect on GPUs.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def quantization_name(model_args) -> str | None:

@@ -281,3 +281,47 @@ def test_sync_ref_model_with_lora_is_refused(tiny_model_dir, data_dir, tmp_path)
     with pytest.raises(ValueError, match="--sync_ref_model with LoRA"):
         dpo_module.train_dpo(*configs(*lora_args(tiny_model_dir, data_dir, tmp_path / "x", "--max_steps", "1",
                                                  "--sync_ref_model")))
+
+
+@pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes not installed")
+def test_qlora_gradients_equal_the_dequantized_model_even_after_an_evaluation(tiny_model_dir):
+    """Adapter gradients of the 4-bit model == those of the same model with every 4-bit layer replaced by a
+    float layer holding its dequantized weight (1e-6), before and after an eval-mode forward (bitsandbytes'
+    CPU repacking would corrupt them: see `keep_4bit_cpu_layout`)."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+
+    from dpo_core.modeling import load_model_from_args
+
+    model = load_model_from_args(ModelArguments(model_name_or_path=str(tiny_model_dir), use_lora=True, lora_r=4,
+                                                lora_dropout=0.0, load_in_4bit=True))
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.1)
+    ids = torch.randint(0, 1000, (2, 8))
+
+    def grads():
+        model.zero_grad()
+        model.train()
+        model(input_ids=ids).logits.logsumexp(-1).mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    before = grads()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    after = grads()
+    quantized = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+                 if isinstance(child, bnb.nn.Linear4bit)]
+    assert len(quantized) == 14
+    for parent, name, child in quantized:
+        weight = dequantize_4bit(child.weight.data, child.weight.quant_state).float()
+        linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        linear.weight = torch.nn.Parameter(weight, requires_grad=False)
+        setattr(parent, name, linear)
+    expected = grads()
+    assert before.keys() == after.keys() == expected.keys() and len(expected) == 28
+    for key in expected:
+        torch.testing.assert_close(before[key], expected[key], atol=1e-6, rtol=0)
+        torch.testing.assert_close(after[key], expected[key], atol=1e-6, rtol=0)
