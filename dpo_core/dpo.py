@@ -152,8 +152,8 @@ def train_dpo(model_args, data_args, dpo_args, train_args) -> dict:
         # The policy itself is the reference (set after `prepare`): no second copy of the base weights.
         adapter_ref, ref_adapter = True, add_reference_adapter(model, model_args)
     elif not dpo_args.reference_free:
-        ref_model = load_model_from_args(model_args, model_args.ref_model_name_or_path or model_args.model_name_or_path,
-                                         trainable=False)
+        ref_path = model_args.ref_model_name_or_path or model_args.model_name_or_path
+        ref_model = load_model_from_args(model_args, ref_path, trainable=False)
 
     def loader(split, batch_size, shuffle):
         collate = partial(data_lib.COLLATORS[train_args.forward_mode], pad_token_id=tokenizer.pad_token_id)

@@ -16,10 +16,11 @@ r"""Reference log-probs of every preference pair, computed once, offline, sharde
 
     # then: accelerate launch scripts/dpo.py ... --ref_logprobs runs/ref-cache   (no reference model loaded)
 
-The reference model is --ref_model_name_or_path, else --model_name_or_path; a directory holding a LoRA adapter
-is its base + that adapter (the policy a dpo.py run on it starts from, and its reference there). With
---use_lora and a plain model, the reference is the base model (a new adapter starts at zero); --load_in_4bit
-/ --load_in_8bit quantize it as the dpo.py run will. --seed and --ld_alpha must equal the dpo.py run's; the cache's fingerprint names any setting that differs when dpo.py loads it. With several
+The reference model is --ref_model_name_or_path, else --model_name_or_path; a directory holding a LoRA
+adapter is its base + that adapter (the policy a dpo.py run on it starts from, and its reference there).
+With --use_lora and a plain model, the reference is the base model (a new adapter starts at zero);
+--load_in_4bit / --load_in_8bit quantize it as the dpo.py run will. --seed and --ld_alpha must equal the
+dpo.py run's; the cache's fingerprint names any setting that differs when dpo.py loads it. With several
 processes, `<output_dir>.partials/` must be on a filesystem all of them share. With --on_invalid skip, the
 skipped records are listed in `<output_dir>.invalid_records.jsonl`.
 """
