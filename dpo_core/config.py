@@ -40,10 +40,60 @@ class ModelArguments:
         default=False, metadata={"help": "Run model code from the hub. Off by default: it executes foreign code."})
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute activations in backward to save memory."})
+    use_lora: bool = field(
+        default=False,
+        metadata={"help": "Train a LoRA adapter (peft) instead of all weights. The reference is then the base model "
+                  "with the adapter disabled: no second copy of the weights. A --model_name_or_path that holds an "
+                  "adapter (adapter_config.json) is loaded as base + adapter with or without this flag."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator: updates are scaled by alpha / r."})
+    lora_dropout: float = field(
+        default=0.05,
+        metadata={"help": "Dropout on the LoRA input (SFT). dpo.py turns every dropout off, this one included: DPO "
+                  "compares log-probs of the policy and the reference (as TRL's disable_dropout does)."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["all-linear"],
+        metadata={"help": "Module names to adapt (e.g. q_proj v_proj), or all-linear: every linear layer but the "
+                  "output head (peft's and TRL's choice)."})
+    lora_modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Modules trained in full and saved with the adapter (e.g. lm_head)."})
+    load_in_4bit: bool = field(
+        default=False,
+        metadata={"help": "QLoRA: load the base weights in 4 bits (bitsandbytes NF4, double quantization, compute "
+                  "in --torch_dtype); needs --use_lora and `pip install 'dpo_core[quant]'`."})
+    load_in_8bit: bool = field(
+        default=False, metadata={"help": "Load the base weights in 8 bits (bitsandbytes LLM.int8); needs --use_lora."})
+    merge_adapter: bool = field(
+        default=False,
+        metadata={"help": "Also save base + adapter merged into full weights under <output_dir>/merged (loads with "
+                  "AutoModelForCausalLM); the base is reloaded unquantized in --torch_dtype for the merge."})
 
     def __post_init__(self):
         if self.torch_dtype not in ("float32", "bfloat16", "float16", "auto"):
             raise ValueError(f"--torch_dtype must be float32, bfloat16, float16 or auto, got {self.torch_dtype!r}")
+        self._validate_lora()
+
+    def _validate_lora(self):
+        if isinstance(self.lora_target_modules, str):
+            self.lora_target_modules = [self.lora_target_modules]
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("Give --load_in_4bit or --load_in_8bit, not both.")
+        from .modeling import is_adapter_dir  # a directory that holds an adapter implies LoRA
+
+        lora = self.use_lora or is_adapter_dir(self.model_name_or_path)
+        for flag in ("load_in_4bit", "load_in_8bit", "merge_adapter"):
+            if getattr(self, flag) and not lora:
+                raise ValueError(f"--{flag} needs --use_lora (quantized weights cannot be trained directly; "
+                                 "only an adapter on top of them).")
+        if self.lora_r < 1:
+            raise ValueError(f"--lora_r must be >= 1, got {self.lora_r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not self.lora_target_modules:
+            raise ValueError("--lora_target_modules needs at least one name (or all-linear)")
+        if "all-linear" in self.lora_target_modules and len(self.lora_target_modules) > 1:
+            raise ValueError("--lora_target_modules: all-linear stands alone, got "
+                             f"{self.lora_target_modules}")
 
 
 @dataclass
@@ -109,6 +159,15 @@ class DPOArguments:
         default=None,
         metadata={"help": "Directory written by scripts/precompute_ref_logprobs.py; no reference model is "
                   "loaded then."})
+    sync_ref_model: bool = field(
+        default=False,
+        metadata={"help": "TR-DPO: every --ref_model_sync_steps optimizer steps, the reference becomes "
+                  "alpha * policy + (1 - alpha) * reference (needs a reference model: not with --ref_logprobs, "
+                  "--reference_free or LoRA)."})
+    ref_model_mixup_alpha: float = field(
+        default=0.6, metadata={"help": "TR-DPO's alpha in [0, 1]: the policy's weight in the reference update."})
+    ref_model_sync_steps: int = field(
+        default=512, metadata={"help": "TR-DPO: optimizer steps between reference updates."})
 
     def __post_init__(self):
         if isinstance(self.loss_type, str):
@@ -125,6 +184,14 @@ class DPOArguments:
             raise ValueError(f"--ld_alpha must be in [0, 1], got {self.ld_alpha}")
         if self.reference_free and self.ref_logprobs:
             raise ValueError("--reference_free and --ref_logprobs exclude each other.")
+        if self.sync_ref_model:
+            if self.ref_logprobs or self.reference_free:
+                raise ValueError("--sync_ref_model updates a reference model during training: it cannot be used with "
+                                 f"{'--ref_logprobs (a cache is fixed)' if self.ref_logprobs else '--reference_free'}.")
+            if not 0.0 <= self.ref_model_mixup_alpha <= 1.0:
+                raise ValueError(f"--ref_model_mixup_alpha must be in [0, 1], got {self.ref_model_mixup_alpha}")
+            if self.ref_model_sync_steps < 1:
+                raise ValueError(f"--ref_model_sync_steps must be >= 1, got {self.ref_model_sync_steps}")
 
     def loss_kwargs(self) -> dict:
         """Keyword arguments of `dpo_core.losses.dpo_loss`."""

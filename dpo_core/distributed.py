@@ -56,7 +56,7 @@ def prepare_reference(accelerator: Accelerator, model: torch.nn.Module, *, micro
         model = _deepspeed_inference_engine(accelerator, model, micro_batch_size)
     elif accelerator.distributed_type == DistributedType.FSDP:
         model = _fsdp_reference(accelerator, model)
-    else:
+    elif not getattr(model, "is_quantized", False):  # bitsandbytes placed a quantized model when loading it
         model = model.to(accelerator.device)
     model.eval()
     return model

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from functools import partial
@@ -18,12 +19,23 @@ from .config import DPOConfig
 from .distributed import prepare_reference, shutdown
 from .logps import FORWARDS
 from .losses import dpo_loss, preference_metrics
-from .modeling import load_model, load_model_and_tokenizer
+from .modeling import (
+    adapter_reference,
+    add_reference_adapter,
+    disable_dropout,
+    is_peft_model,
+    load_model_and_tokenizer,
+    load_model_from_args,
+    merge_and_save_adapter,
+    quantization_name,
+    register_adapter_checkpointing,
+)
 from .training import TrainResult, schedule_and_resume, start_run, train_loop
 
 
-def make_dpo_step(dpo_args, *, forward, ref_model=None):
-    """The DPO step: `(model, batch) -> (mean loss, stats)`; reference from the batch (cache) or `ref_model`."""
+def make_dpo_step(dpo_args, *, forward, ref_model=None, ref_context=contextlib.nullcontext):
+    """The DPO step: `(model, batch) -> (mean loss, stats)`; reference from the batch (cache) or `ref_model`
+    (its forward runs inside `ref_context()`: for LoRA, the policy itself with the adapter disabled)."""
     loss_kwargs = dpo_args.loss_kwargs()
 
     def step(model, batch):
@@ -33,7 +45,7 @@ def make_dpo_step(dpo_args, *, forward, ref_model=None):
         elif "ref_chosen_logps" in batch:
             ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
         else:
-            with torch.no_grad():
+            with torch.no_grad(), ref_context():
                 ref = forward(ref_model, batch, ld_alpha=dpo_args.ld_alpha)
             ref_chosen, ref_rejected = ref.chosen_logps, ref.rejected_logps
         losses, chosen_rewards, rejected_rewards = dpo_loss(
@@ -73,7 +85,7 @@ def load_reference_cache(cache_dir, *, model_args, data_args, dpo_args, tokenize
         ref_model_path=model_args.ref_model_name_or_path or model_args.model_name_or_path,
         revision=model_args.revision, tokenizer=tokenizer, records_by_split=records, examples_by_split=examples,
         data_args=data_args, torch_dtype=model_args.torch_dtype, ld_alpha=dpo_args.ld_alpha,
-        mixed_precision=mixed_precision, seed=seed)
+        mixed_precision=mixed_precision, seed=seed, quantization=quantization_name(model_args))
     return load_cache(cache_dir, expected, {split: [e.id for e in exs] for split, exs in examples.items()})
 
 
@@ -101,6 +113,11 @@ def run_dpo(model_args, data_args, dpo_args, train_args) -> dict:
     accelerator, output_dir = start_run(train_args, model_args, data_args, dpo_args, train_args)
 
     model, tokenizer = load_model_and_tokenizer(model_args)
+    disable_dropout(model)  # LoRA's dropout too: its modules are added after loading
+    lora = is_peft_model(model)
+    if lora and dpo_args.sync_ref_model:
+        raise ValueError("--sync_ref_model with LoRA is not supported: the reference is the base model (adapter "
+                         "disabled), and a mix of policy and reference is no LoRA adapter of the same rank.")
     if model_args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     with accelerator.main_process_first():
@@ -108,16 +125,17 @@ def run_dpo(model_args, data_args, dpo_args, train_args) -> dict:
                                                        report_path=output_dir / "invalid_records.jsonl")
 
     require_examples(examples, data_args)
-    cache, ref_model = None, None
+    cache, ref_model, adapter_ref = None, None, False
     if dpo_args.ref_logprobs:
         cache = load_reference_cache(dpo_args.ref_logprobs, model_args=model_args, data_args=data_args,
                                      dpo_args=dpo_args, tokenizer=tokenizer, records=records, examples=examples,
                                      mixed_precision=accelerator.mixed_precision, seed=train_args.seed)
+    elif lora and not dpo_args.reference_free and not model_args.ref_model_name_or_path:
+        # The policy itself is the reference (set after `prepare`): no second copy of the base weights.
+        adapter_ref, ref_adapter = True, add_reference_adapter(model, model_args)
     elif not dpo_args.reference_free:
-        ref_model = load_model(model_args.ref_model_name_or_path or model_args.model_name_or_path,
-                               torch_dtype=model_args.torch_dtype, attn_implementation=model_args.attn_implementation,
-                               revision=model_args.revision, trust_remote_code=model_args.trust_remote_code,
-                               trainable=False)
+        ref_path = model_args.ref_model_name_or_path or model_args.model_name_or_path
+        ref_model = load_model_from_args(model_args, ref_path, trainable=False)
 
     def loader(split, batch_size, shuffle):
         collate = partial(data_lib.COLLATORS[train_args.forward_mode], pad_token_id=tokenizer.pad_token_id)
@@ -132,19 +150,31 @@ def run_dpo(model_args, data_args, dpo_args, train_args) -> dict:
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
-    if ref_model is not None:
+    ref_context = contextlib.nullcontext
+    if adapter_ref:
+        ref_model = accelerator.unwrap_model(model)
+        ref_context = partial(adapter_reference, ref_model, ref_adapter)
+    elif ref_model is not None:
         # Frozen, sharded like the policy under ZeRO-3/FSDP, and not registered with the accelerator:
         # checkpoints do not carry a second copy of the weights.
         ref_model = prepare_reference(accelerator, ref_model, micro_batch_size=train_args.per_device_train_batch_size)
+    if lora:
+        register_adapter_checkpointing(accelerator)
+    on_step_end = None
+    if dpo_args.sync_ref_model:  # before a resume: the checkpoint restores the synced reference
+        from .ref_sync import setup_reference_sync
+
+        on_step_end = setup_reference_sync(accelerator, model, ref_model, alpha=dpo_args.ref_model_mixup_alpha,
+                                           sync_steps=dpo_args.ref_model_sync_steps)
 
     scheduler, state, max_steps = schedule_and_resume(accelerator, optimizer, train_args, len(train_loader),
                                                       model_args, data_args, dpo_args, train_args)
 
     forward = partial(FORWARDS[train_args.forward_mode], chunk_size=train_args.logps_chunk_size)
-    step_fn = make_dpo_step(dpo_args, forward=forward, ref_model=ref_model)
+    step_fn = make_dpo_step(dpo_args, forward=forward, ref_model=ref_model, ref_context=ref_context)
     metrics = train_loop(accelerator, model, optimizer, scheduler, train_loader, step_fn, train_args,
-                         eval_loader=eval_loader, max_steps=max_steps, state=state)
-    return finish_run(accelerator, model, tokenizer, output_dir, metrics)
+                         eval_loader=eval_loader, max_steps=max_steps, state=state, on_step_end=on_step_end)
+    return finish_run(accelerator, model, tokenizer, output_dir, metrics, model_args=model_args)
 
 
 def require_examples(examples: dict, data_args) -> None:
@@ -157,11 +187,17 @@ def require_examples(examples: dict, data_args) -> None:
         raise ValueError(f"{data_args.dataset_name}: the held-out split has no usable records")
 
 
-def finish_run(accelerator, model, tokenizer, output_dir: Path, metrics: dict) -> dict:
-    """The end of every training run: final model and metrics saved, metrics printed, trackers closed."""
+def finish_run(accelerator, model, tokenizer, output_dir: Path, metrics: dict, *, model_args=None) -> dict:
+    """The end of every training run: final model and metrics saved (and the merged adapter with
+    `--merge_adapter`), metrics printed, trackers closed."""
     metrics["num_processes"] = accelerator.num_processes
     metrics["distributed_type"] = accelerator.distributed_type.value
     save_final(accelerator, model, tokenizer, output_dir, metrics)
+    if model_args is not None and getattr(model_args, "merge_adapter", False):
+        if accelerator.is_main_process:
+            merge_and_save_adapter(output_dir, output_dir / "merged", model_args)
+            accelerator.print(f"merged weights saved to {output_dir / 'merged'}")
+        accelerator.wait_for_everyone()
     accelerator.print(format_metrics(metrics))
     accelerator.end_training()
     shutdown(accelerator)
@@ -182,12 +218,16 @@ def format_metrics(metrics: dict) -> str:
 
 
 def save_final(accelerator, model, tokenizer, output_dir: Path, metrics: dict) -> None:
-    """Full weights (gathered under ZeRO-3/FSDP) as safetensors, tokenizer, and `train_results.json`."""
+    """Full weights (gathered under ZeRO-3/FSDP) as safetensors, tokenizer, and `train_results.json`.
+
+    A LoRA model saves its trained adapter only (adapter_model.safetensors + adapter_config.json)."""
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)
     unwrapped = accelerator.unwrap_model(model)
+    # peft saves every adapter it holds: only the trained one ("default"), not the reference copy.
+    extra = {"selected_adapters": ["default"]} if is_peft_model(unwrapped) else {"save_function": accelerator.save}
     unwrapped.save_pretrained(output_dir, is_main_process=accelerator.is_main_process, state_dict=state_dict,
-                              save_function=accelerator.save, safe_serialization=True)
+                              safe_serialization=True, **extra)
     if accelerator.is_main_process:
         tokenizer.save_pretrained(output_dir)
         tmp = output_dir / "train_results.json.tmp"

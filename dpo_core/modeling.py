@@ -1,11 +1,14 @@
-"""Loading models and tokenizers: dtype, attention implementation, dropout, reference model, and the
-fingerprint of a model's weights (for the reference cache)."""
+"""Loading models and tokenizers: dtype, attention implementation, dropout, reference model, LoRA/QLoRA
+adapters, and the fingerprint of a model's weights (for the reference cache)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import json
 import logging
+import shutil
 from pathlib import Path
 
 import torch
@@ -34,8 +37,12 @@ def disable_dropout(model: torch.nn.Module) -> None:
 
 
 def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False):
-    """The tokenizer, with a pad token (EOS when it has none: padding is masked everywhere)."""
+    """The tokenizer, with a pad token (EOS when it has none: padding is masked everywhere); an adapter
+    directory without tokenizer files gives its base model's."""
     from transformers import AutoTokenizer
+
+    if is_adapter_dir(name_or_path) and not (Path(name_or_path) / "tokenizer_config.json").exists():
+        name_or_path = adapter_base_path(name_or_path)
 
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
@@ -44,13 +51,27 @@ def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remo
 
 
 def load_model(name_or_path: str, *, torch_dtype: str = "float32", attn_implementation: str | None = None,
-               revision: str | None = None, trust_remote_code: bool = False, trainable: bool = True):
-    """A causal LM from safetensors only (never pickle), dropout off; frozen and in eval mode if not trainable."""
+               revision: str | None = None, trust_remote_code: bool = False, trainable: bool = True,
+               quantization_config=None):
+    """A causal LM from safetensors only (never pickle), dropout off; frozen and in eval mode if not trainable.
+
+    `quantization_config` (a `BitsAndBytesConfig`, see `quantization_config`) loads the weights quantized,
+    on this process's device.
+    """
     from transformers import AutoModelForCausalLM
 
+    extra = {}
+    if quantization_config is not None:
+        from accelerate import PartialState
+
+        # bitsandbytes quantizes while loading, on the device that runs this process's share of the work.
+        extra = {"quantization_config": quantization_config, "device_map": {"": PartialState().device}}
     model = AutoModelForCausalLM.from_pretrained(
         name_or_path, revision=revision, dtype=_DTYPES[torch_dtype], use_safetensors=True,
-        attn_implementation=resolve_attn_implementation(attn_implementation), trust_remote_code=trust_remote_code)
+        attn_implementation=resolve_attn_implementation(attn_implementation), trust_remote_code=trust_remote_code,
+        **extra)
+    if quantization_config is not None:
+        keep_4bit_cpu_layout(model)
     disable_dropout(model)
     if not trainable:
         model.requires_grad_(False)
@@ -60,7 +81,10 @@ def load_model(name_or_path: str, *, torch_dtype: str = "float32", attn_implemen
 
 def load_model_and_tokenizer(model_args, *, trainable: bool = True, name_or_path: str | None = None):
     """Model and tokenizer from a `ModelArguments` (or any config with its fields), or from a path with the
-    defaults: `load_model_and_tokenizer("runs/sft")`. `name_or_path` overrides the model path (the reference)."""
+    defaults: `load_model_and_tokenizer("runs/sft")`. `name_or_path` overrides the model path (the reference).
+
+    The model is what `load_model_from_args` gives (LoRA, quantization and saved adapters included).
+    """
     if isinstance(model_args, (str, Path)):
         from .config import ModelArguments
 
@@ -69,17 +93,20 @@ def load_model_and_tokenizer(model_args, *, trainable: bool = True, name_or_path
     if not path:
         raise ValueError("--model_name_or_path is required")
     tokenizer = load_tokenizer(path, revision=model_args.revision, trust_remote_code=model_args.trust_remote_code)
-    model = load_model(path, torch_dtype=model_args.torch_dtype, attn_implementation=model_args.attn_implementation,
-                       revision=model_args.revision, trust_remote_code=model_args.trust_remote_code,
-                       trainable=trainable)
+    model = load_model_from_args(model_args, path, trainable=trainable)
     return model, tokenizer
 
 
 def weights_fingerprint(name_or_path: str, *, revision: str | None = None) -> str:
     """sha256 over a model's config.json and safetensors files (sorted by name), streamed from disk.
 
-    Hub names resolve to the local snapshot (no download: the weights were loaded already).
+    Hub names resolve to the local snapshot (no download: the weights were loaded already). An adapter
+    directory's fingerprint covers its adapter_config.json and adapter weights and its base model's fingerprint.
     """
+    if is_adapter_dir(name_or_path):
+        digest = hashlib.sha256(weights_fingerprint(adapter_base_path(name_or_path), revision=revision).encode())
+        _hash_files(digest, [Path(name_or_path) / ADAPTER_CONFIG, *sorted(Path(name_or_path).glob("*.safetensors"))])
+        return digest.hexdigest()
     path = Path(name_or_path)
     if not path.is_dir():
         from huggingface_hub import snapshot_download
@@ -90,10 +117,219 @@ def weights_fingerprint(name_or_path: str, *, revision: str | None = None) -> st
     if not files:
         raise FileNotFoundError(f"No .safetensors weights in {path}")
     digest = hashlib.sha256()
-    for file in [path / "config.json", *files]:
+    _hash_files(digest, [path / "config.json", *files])
+    return digest.hexdigest()
+
+
+def _hash_files(digest, files) -> None:
+    for file in files:
         if file.exists():
             digest.update(file.name.encode())
             with open(file, "rb") as f:
                 for block in iter(lambda: f.read(1 << 24), b""):
                     digest.update(block)
-    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------- LoRA / QLoRA
+ADAPTER_CONFIG = "adapter_config.json"
+REF_ADAPTER = "ref"  # the frozen copy of a loaded adapter that serves as DPO's reference
+
+
+def is_adapter_dir(path: str | None) -> bool:
+    """True for a local directory holding a peft adapter (adapter_config.json)."""
+    return bool(path) and (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def adapter_base_path(adapter_dir: str) -> str:
+    """The base model an adapter was trained on (its adapter_config.json's base_model_name_or_path)."""
+    base = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{Path(adapter_dir) / ADAPTER_CONFIG}: no base_model_name_or_path: cannot load its base")
+    return base
+
+
+def quantization_config(model_args):
+    """The `BitsAndBytesConfig` of `--load_in_4bit` (NF4, double quantization, compute in `--torch_dtype`) or
+    `--load_in_8bit` (LLM.int8), else None."""
+    if not (model_args.load_in_4bit or model_args.load_in_8bit):
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError("--load_in_4bit/--load_in_8bit need bitsandbytes: pip install 'dpo_core[quant]'")
+    from transformers import BitsAndBytesConfig
+
+    if model_args.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = _DTYPES[model_args.torch_dtype]
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.float32 if compute == "auto" else compute)
+
+
+def keep_4bit_cpu_layout(model) -> None:
+    """Stops bitsandbytes (0.50) from repacking 4-bit weights for its CPU inference kernel.
+
+    On CPU, a no-grad forward in eval mode (an evaluation) repacks each `Linear4bit` weight in place; later
+    training forwards read the packed weight correctly, but their backward does not: the adapter's gradients
+    came out wrong by ~65% in our test (tests/test_modeling.py checks them against the dequantized weights).
+    Without the repacking, eval and training run the same kernel. No effect on GPUs.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def quantization_name(model_args) -> str | None:
+    """How the base weights are quantized, for the reference cache's fingerprint: None when they are not."""
+    if model_args.load_in_8bit:
+        return "bitsandbytes-int8"
+    if model_args.load_in_4bit:
+        return "bitsandbytes-nf4-double-quant"
+    return None
+
+
+def lora_config(model_args):
+    """The peft `LoraConfig` of the `--lora_*` flags (a causal-LM task)."""
+    from peft import LoraConfig
+
+    targets = model_args.lora_target_modules
+    return LoraConfig(r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
+                      target_modules="all-linear" if targets == ["all-linear"] else list(targets),
+                      modules_to_save=model_args.lora_modules_to_save, bias="none", task_type="CAUSAL_LM")
+
+
+def load_model_from_args(model_args, name_or_path: str | None = None, *, trainable: bool = True):
+    """The model of a `ModelArguments`: base weights (quantized with --load_in_4bit/8bit), plus
+
+    - a saved adapter when `name_or_path` is an adapter directory (trainable when `trainable`, else frozen
+      and active: the adapter-merged model, e.g. as a reference);
+    - a new LoRA adapter from the `--lora_*` flags with `--use_lora` and `trainable`. A frozen model gets none:
+      a new adapter starts at zero (LoRA's B = 0), so it would not change a single log-prob.
+
+    Quantized trainable models go through peft's `prepare_model_for_kbit_training`; with gradient
+    checkpointing, the inputs require grads (else a checkpointed segment whose only trainable weights are
+    the adapter's would get no gradient).
+    """
+    path = name_or_path or model_args.model_name_or_path
+    if not path:
+        raise ValueError("--model_name_or_path is required")
+    adapter = path if is_adapter_dir(path) else None
+    base = adapter_base_path(adapter) if adapter else path
+    quant = quantization_config(model_args)
+    model = load_model(base, torch_dtype=model_args.torch_dtype, attn_implementation=model_args.attn_implementation,
+                       revision=model_args.revision, trust_remote_code=model_args.trust_remote_code,
+                       trainable=trainable, quantization_config=quant)
+    if adapter is None and not (model_args.use_lora and trainable):
+        return model
+    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    if quant is not None and trainable:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=model_args.gradient_checkpointing)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
+        logger.info(f"Loaded adapter {adapter} on base {base} (its LoRA settings, not the --lora_* flags)")
+    else:
+        model = get_peft_model(model, lora_config(model_args))
+    if not trainable:
+        model.requires_grad_(False)
+        model.eval()
+    elif model_args.gradient_checkpointing:
+        model.enable_input_require_grads()
+    return model
+
+
+def is_peft_model(model) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def add_reference_adapter(model, model_args) -> str | None:
+    """Makes the reference of a LoRA policy available without a second copy of the base weights.
+
+    A new adapter starts at zero: the reference is the base model, i.e. the policy with the adapter disabled
+    (returns None). A policy loaded from a saved adapter starts as base + that adapter: the reference is a
+    frozen copy of it, loaded as adapter "ref" (returns "ref"). TRL 1.16 does the same.
+    Call before `accelerator.prepare`, so that the copy sits on the model's device.
+    """
+    path = model_args.model_name_or_path
+    if not is_adapter_dir(path):
+        return None
+    model.load_adapter(path, adapter_name=REF_ADAPTER, is_trainable=False)
+    disable_dropout(model)  # the new adapter's LoRA dropout: the reference must be deterministic
+    return REF_ADAPTER
+
+
+@contextlib.contextmanager
+def adapter_reference(model, adapter_name: str | None):
+    """Within the block, `model` (an unwrapped `PeftModel`) computes the reference: adapters disabled
+    (`adapter_name` None) or the frozen adapter `adapter_name` active.
+
+    The training mode stays as it is: switching a 4-bit model to eval mode on CPU makes bitsandbytes repack
+    its weights for another kernel, and the reference would no longer equal the policy's base bit for bit.
+    The active (trainable) adapter is restored after.
+    """
+    if adapter_name is None:
+        with model.disable_adapter():
+            yield model
+    else:
+        previous = model.active_adapter
+        model.set_adapter(adapter_name, inference_mode=True)
+        try:
+            yield model
+        finally:
+            model.set_adapter(previous)  # trainable again, the reference adapter frozen
+
+
+def merge_and_save_adapter(adapter_dir: str | Path, output_dir: str | Path, model_args) -> Path:
+    """Base + adapter merged into full weights (`base + alpha / r * B @ A`) saved as safetensors with the
+    tokenizer: loads with `AutoModelForCausalLM`. The base is reloaded unquantized in `--torch_dtype` (merging
+    into 4/8-bit weights would round the update away)."""
+    from peft import PeftModel
+
+    adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
+    base = load_model(adapter_base_path(str(adapter_dir)), torch_dtype=model_args.torch_dtype,
+                      attn_implementation=model_args.attn_implementation, revision=model_args.revision,
+                      trust_remote_code=model_args.trust_remote_code, trainable=False)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    tmp = output_dir.with_name(output_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp, safe_serialization=True)
+    load_tokenizer(str(adapter_dir)).save_pretrained(tmp)
+    if output_dir.exists():
+        shutil.rmtree(output_dir)
+    tmp.rename(output_dir)
+    return output_dir
+
+
+def register_adapter_checkpointing(accelerator) -> None:
+    """Checkpoints of a LoRA run hold the trainable weights only (the adapter, any --lora_modules_to_save): the
+    frozen base cannot change, and a quantized one does not round-trip through a state dict. Resume then
+    loads them into the freshly loaded base + adapter, exactly; optimizer, scheduler and RNG go through
+    accelerate as usual. Applies to one prepared PEFT model outside DeepSpeed/FSDP (which save their own
+    sharded state); otherwise accelerate saves the full state dict.
+    """
+    def applies(models) -> bool:
+        return (len(models) == 1 and is_peft_model(accelerator.unwrap_model(models[0]))
+                and accelerator.distributed_type not in ("DEEPSPEED", "FSDP", "MEGATRON_LM"))
+
+    def save_hook(models, weights, output_dir) -> None:
+        if applies(models) and len(weights) == 1:
+            trainable = {name for name, p in models[0].named_parameters() if p.requires_grad}
+            weights[0] = {k: v for k, v in weights[0].items() if k in trainable}
+
+    def load_hook(models, input_dir) -> None:
+        if not applies(models):
+            return
+        from safetensors.torch import load_file
+
+        file = Path(input_dir) / "model.safetensors"
+        state = load_file(str(file))
+        trainable = {name for name, p in models[0].named_parameters() if p.requires_grad}
+        if set(state) != trainable:
+            raise ValueError(f"{file}: holds {len(state)} tensors, the trainable weights of this model are "
+                             f"{len(trainable)} (e.g. {sorted(set(state) ^ trainable)[:3]}): not a checkpoint of "
+                             "this LoRA configuration")
+        models[0].load_state_dict(state, strict=False)
+        models.pop(0)  # loaded: accelerate must not load it again (it expects every weight)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)

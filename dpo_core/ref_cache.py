@@ -93,7 +93,8 @@ def tokens_fingerprint(examples) -> str:
 
 def reference_fingerprint(*, ref_model_path: str, revision: str | None, tokenizer, records_by_split: dict,
                           examples_by_split: dict, data_args, torch_dtype: str, ld_alpha: float | None,
-                          mixed_precision: str, seed: int | None = None) -> dict[str, object]:
+                          mixed_precision: str, seed: int | None = None,
+                          quantization: str | None = None) -> dict[str, object]:
     """Everything that decides the reference log-probs of a run, as a flat dict of named fields.
 
     The dataset *path* is left out (moving a file keeps the cache valid); its content, the ordered ids of
@@ -104,6 +105,8 @@ def reference_fingerprint(*, ref_model_path: str, revision: str | None, tokenize
         records_by_split / examples_by_split: `{split: [Record]}` from `load_splits`, `{split: [Example]}`.
         data_args: a `DataArguments` (split names, eval carve-out, truncation settings).
         seed: the seed of the `eval_fraction` carve-out; required when `eval_fraction > 0`.
+        quantization: how the reference's weights were quantized (`modeling.quantization_name`); recorded only
+            when not None, so that caches of unquantized references keep their fingerprint.
     Returns:
         `{field: str | int | float | None}`, JSON-serialisable.
     """
@@ -125,6 +128,8 @@ def reference_fingerprint(*, ref_model_path: str, revision: str | None, tokenize
     fp.update(max_length=data_args.max_length, max_prompt_length=data_args.max_prompt_length,
               max_completion_length=data_args.max_completion_length, truncation_mode=data_args.truncation_mode,
               torch_dtype=torch_dtype, mixed_precision=str(mixed_precision), ld_alpha=ld_alpha)
+    if quantization is not None:
+        fp["quantization"] = quantization
     for split in sorted(examples_by_split):
         fp[f"tokenized/{split}"] = tokens_fingerprint(examples_by_split[split])
     return json.loads(json.dumps(fp))  # the exact values a manifest gives back (tuples -> lists, ...)

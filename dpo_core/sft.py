@@ -29,7 +29,7 @@ from . import data as data_lib
 from .config import SFTConfig, TrainArguments
 from .dpo import build_optimizer, finish_run, require_examples
 from .logps import position_ids_from_mask, sequence_logps, token_logps
-from .modeling import load_model_and_tokenizer
+from .modeling import is_peft_model, load_model_and_tokenizer, register_adapter_checkpointing
 from .sft_data import collate_sft, tokenize_sft_records
 from .training import TrainResult, schedule_and_resume, start_run, train_loop
 
@@ -103,8 +103,10 @@ def run_sft(model_args, data_args, train_args) -> dict:
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
+    if is_peft_model(accelerator.unwrap_model(model)):
+        register_adapter_checkpointing(accelerator)  # checkpoints hold the adapter only
     scheduler, state, max_steps = schedule_and_resume(accelerator, optimizer, train_args, len(train_loader),
                                                       model_args, data_args, train_args)
     metrics = train_loop(accelerator, model, optimizer, scheduler, train_loader, sft_step, train_args,
                          eval_loader=eval_loader, max_steps=max_steps, state=state)
-    return finish_run(accelerator, model, tokenizer, output_dir, metrics)
+    return finish_run(accelerator, model, tokenizer, output_dir, metrics, model_args=model_args)

@@ -306,12 +306,15 @@ def handles_stop_signals(loop):
 @handles_stop_signals
 def train_loop(accelerator: Accelerator, model, optimizer, scheduler, train_loader, step_fn: Callable, train_args,
                *, eval_loader=None, max_steps: int, state: TrainState | None = None,
-               stop: StopSignals | None = None) -> dict[str, float]:
+               stop: StopSignals | None = None,
+               on_step_end: Callable[[TrainState], None] | None = None) -> dict[str, float]:
     """Runs optimizer steps until `max_steps`; returns the last logged train metrics and eval metrics.
 
     `model`, `optimizer`, `train_loader` and `eval_loader` are already `accelerator.prepare`d. The
     scheduler is stepped here once per optimizer step (not prepared: accelerate would step it once per
-    process). Resume state must be loaded before the call (`schedule_and_resume`).
+    process). Resume state must be loaded before the call (`schedule_and_resume`). `on_step_end(state)` runs
+    after every optimizer step, skipped (non-finite) ones included, with `state.global_step` already
+    counting it, and before that step's logging, evaluation and checkpoint.
 
     SIGTERM or SIGUSR1 (`stop`; installed for the loop's duration when not given) ends the run at the next
     optimizer-step boundary: every rank agrees, a complete checkpoint is saved, trackers end, and
@@ -354,6 +357,8 @@ def train_loop(accelerator: Accelerator, model, optimizer, scheduler, train_load
             grad_norm, skipped = apply_update(accelerator, optimizer, scheduler, params, bad, state, train_args,
                                               stop=stop)
             bad.zero_()
+            if on_step_end is not None:
+                on_step_end(state)
             bar.update(1)
             if not skipped:  # a skipped step has no meaningful gradient norm to log
                 window.add({"grad_norm": grad_norm.detach().float().reshape(1)})

@@ -20,8 +20,20 @@ Examples (the tiny demo model: `python scripts/build_tiny_model.py runs/tiny-mod
     accelerate launch scripts/dpo.py --config recipes/quickstart.yaml --output_dir runs/dpo-mix \
         --beta 0.2 --loss_type sigmoid sft --loss_weights 1 0.2
 
+    # LoRA (the reference: the base with the adapter disabled); QLoRA adds --load_in_4bit
+    accelerate launch --config_file accelerate_configs/cpu.yaml scripts/dpo.py \
+        --model_name_or_path runs/tiny-model --dataset_name data/demo --eval_split test \
+        --output_dir runs/dpo-lora --use_lora --lora_r 16 --learning_rate 1e-3 --max_steps 20 --merge_adapter
+
+    # TR-DPO: the reference moves toward the policy every 10 steps
+    accelerate launch --config_file accelerate_configs/cpu.yaml scripts/dpo.py \
+        --model_name_or_path runs/tiny-model --dataset_name data/demo --output_dir runs/dpo-trdpo \
+        --learning_rate 1e-3 --max_steps 40 --sync_ref_model --ref_model_sync_steps 10
+
 Writes into --output_dir: the model (safetensors) and tokenizer, config.yaml, train_results.json,
-logs/ (TensorBoard: train/* and eval/* scalars) and checkpoints/ (with --save_steps).
+logs/ (TensorBoard: train/* and eval/* scalars) and checkpoints/ (with --save_steps). With LoRA, the
+adapter (adapter_model.safetensors, adapter_config.json) instead of the model, and with --merge_adapter
+the merged full weights in merged/.
 """
 
 from dpo_core.config import DPOConfig, parse_config, run_cli

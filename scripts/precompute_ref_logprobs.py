@@ -20,8 +20,11 @@ r"""Reference log-probs of every preference pair, computed once, offline, sharde
 
     # then: accelerate launch scripts/dpo.py ... --ref_logprobs runs/ref-cache   (no reference model loaded)
 
-The reference model is --ref_model_name_or_path, else --model_name_or_path. --seed and --ld_alpha must equal
-the dpo.py run's; the cache's fingerprint names any setting that differs when dpo.py loads it. With several
+The reference model is --ref_model_name_or_path, else --model_name_or_path; a directory holding a LoRA
+adapter is its base + that adapter (the policy a dpo.py run on it starts from, and its reference there).
+With --use_lora and a plain model, the reference is the base model (a new adapter starts at zero);
+--load_in_4bit / --load_in_8bit quantize it as the dpo.py run will. --seed and --ld_alpha must equal the
+dpo.py run's; the cache's fingerprint names any setting that differs when dpo.py loads it. With several
 processes, `<output_dir>.partials/` must be on a filesystem all of them share. With --on_invalid skip, the
 skipped records are listed in `<output_dir>.invalid_records.jsonl`. --forward_mode (concat, padding_free,
 shared_prefix) and --logps_chunk_size change the speed and memory of the forwards, not the log-probs (equal to
@@ -33,7 +36,7 @@ from pathlib import Path
 from dpo_core import data as data_lib
 from dpo_core.config import DataArguments, DPOArguments, ModelArguments, TrainArguments, parse_config, run_cli
 from dpo_core.distributed import prepare_reference, shutdown
-from dpo_core.modeling import load_model, load_tokenizer
+from dpo_core.modeling import load_model_from_args, load_tokenizer, quantization_name
 from dpo_core.ref_cache import (
     PrecomputeArguments,
     check_output_dir,
@@ -65,9 +68,9 @@ def main(argv=None):
         fingerprint = reference_fingerprint(
             ref_model_path=ref_path, revision=model_args.revision, tokenizer=tokenizer, records_by_split=records,
             examples_by_split=examples, data_args=data_args, torch_dtype=model_args.torch_dtype,
-            ld_alpha=args.ld_alpha, mixed_precision=accelerator.mixed_precision, seed=args.seed)
-    model = load_model(ref_path, torch_dtype=model_args.torch_dtype, attn_implementation=model_args.attn_implementation,
-                       revision=model_args.revision, trust_remote_code=model_args.trust_remote_code, trainable=False)
+            ld_alpha=args.ld_alpha, mixed_precision=accelerator.mixed_precision, seed=args.seed,
+            quantization=quantization_name(model_args))
+    model = load_model_from_args(model_args, ref_path, trainable=False)
     # ZeRO-3 and FSDP shard the weights (every rank runs the same forwards); otherwise one copy per process.
     model = prepare_reference(accelerator, model, micro_batch_size=args.per_device_batch_size)
 

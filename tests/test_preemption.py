@@ -216,7 +216,7 @@ def test_stop_signal_in_process_raises_after_the_checkpoint_and_restores_handler
                             "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
                             "--resume_from_checkpoint", "latest", "--report_to", "none"])
     with pytest.raises(TrainingPreempted, match="stopped at step 2,") as stopped:
-        dpo_module.train_dpo(*configs)
+        dpo_module.run_dpo(*configs)
     assert calls["n"] == 4  # the step in progress was completed, no further micro-batch was started
     assert stopped.value.checkpoint == tmp_path / "run" / "checkpoints" / "checkpoint-2"
     assert (stopped.value.checkpoint / COMPLETE).exists()
