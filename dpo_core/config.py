@@ -169,6 +169,9 @@ class TrainArguments:
     report_to: str = field(default="tensorboard", metadata={"help": "tensorboard | none."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
     forward_mode: str = field(default="concat", metadata={"help": "Batch layout of the forward: concat."})
+    peak_flops: float | None = field(
+        default=None, metadata={"help": "Peak FLOP/s of one device for the logged train/mfu (default: the bf16 "
+                                "dense peak of a known GPU, else a matmul rate measured at startup)."})
 
     def __post_init__(self):
         if self.max_steps <= 0 and self.num_train_epochs <= 0:

@@ -21,6 +21,7 @@ from .config import save_config
 from .logps import FORWARDS
 from .losses import dpo_loss, preference_metrics
 from .modeling import load_model, load_model_and_tokenizer
+from .throughput import make_batch_flops, peak_flops
 from .training import (
     TrainState,
     build_accelerator,
@@ -144,6 +145,10 @@ def train_dpo(model_args, data_args, dpo_args, train_args) -> dict:
         return DataLoader(data_lib.PairDataset(examples[split]), batch_size=batch_size, shuffle=shuffle,
                           collate_fn=collate, num_workers=train_args.dataloader_num_workers)
 
+    # Model FLOPs are counted on the unwrapped model, before `prepare` (dpo_core.throughput).
+    batch_flops = make_batch_flops(model, online_reference=ref_model is not None)
+    peak, peak_source = peak_flops(accelerator.device, override=train_args.peak_flops)
+    accelerator.print(f"peak FLOP/s per device for train/mfu: {peak:.3g} ({peak_source})")
     train_loader = loader("train", train_args.per_device_train_batch_size, shuffle=True)
     eval_loader = loader("eval", train_args.per_device_eval_batch_size, False) if examples.get("eval") else None
     optimizer = build_optimizer(model, train_args)
@@ -169,7 +174,8 @@ def train_dpo(model_args, data_args, dpo_args, train_args) -> dict:
 
     step_fn = make_dpo_step(dpo_args, forward=FORWARDS[train_args.forward_mode], ref_model=ref_model)
     metrics = train_loop(accelerator, model, optimizer, scheduler, train_loader, step_fn, train_args,
-                         eval_loader=eval_loader, max_steps=max_steps, state=state)
+                         eval_loader=eval_loader, max_steps=max_steps, state=state, batch_flops=batch_flops,
+                         peak_flops=peak)
     metrics["num_processes"] = accelerator.num_processes
     save_final(accelerator, model, tokenizer, output_dir, metrics)
     accelerator.print(format_metrics(metrics))
