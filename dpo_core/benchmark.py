@@ -489,6 +489,7 @@ def run_benchmark(args: BenchmarkArguments, scripts_dir: Path) -> dict:
                                  peak))
     report = {"device": device, "peak_flops": peak, "peak_source": peak_source, "args": asdict(args),
               "n_matmul_params": n_params, "configs": summary, "numerics": numerics(runs),
+              "trl_config": next((rs[0]["trl_config"] for rs in runs.values() if rs and "trl_config" in rs[0]), None),
               "cache_build": _median_dicts(caches), "ratios": ratios(summary, _median_dicts(caches))}
     tmp = out / "benchmark.json.tmp"
     tmp.write_text(json.dumps(report, indent=1))
