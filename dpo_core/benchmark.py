@@ -307,7 +307,7 @@ def run_trl(spec: dict) -> dict:
             "trl_config": {"per_device_train_batch_size": config.per_device_train_batch_size,
                            "learning_rate": config.learning_rate, "max_length": config.max_length,
                            "gradient_checkpointing": config.gradient_checkpointing,
-                           "padding_free": trainer.padding_free, "optim": str(config.optim),
+                           "padding_free": trainer.padding_free, "optim": getattr(config.optim, "value", config.optim),
                            "precompute_ref_log_probs": config.precompute_ref_log_probs,
                            "train_sampling_strategy": config.train_sampling_strategy},
             **_peak_memory_mb()}
