@@ -50,7 +50,8 @@ def test_benchmark_end_to_end_against_trl(tmp_path):
         assert c["pairs_per_second"] > 0 and 0 < c["mfu"] < 1 and c["peak_rss_mb"] > 100, name
         assert c["tokens_per_second"] / c["pairs_per_second"] == pytest.approx(words / 4, rel=1e-9), name
     assert configs["trl_precompute"]["precompute_seconds"] > 0
-    assert report["cache_build"]["precompute_seconds"] > 0
+    # The precompute script reports its forward time to 0.1 s (0.0 for 16 pairs on a fast machine).
+    assert report["cache_build"]["precompute_seconds"] >= 0 and report["cache_build"]["wall_seconds"] > 0
     assert "ours/trl pairs_per_second (online)" in report["ratios"]
 
     trl = report["trl_config"]
