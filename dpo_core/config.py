@@ -248,6 +248,9 @@ class TrainArguments:
         default=False,
         metadata={"help": "Audit the data order: append each micro-batch's example ids (per rank, with step, epoch "
                   "and position) to output_dir/example_ids/rank{R}.jsonl."})
+    peak_flops: float | None = field(
+        default=None, metadata={"help": "Peak FLOP/s of one device for the logged train/mfu (default: the bf16 "
+                                "dense peak of a known GPU, else a matmul rate measured at startup)."})
 
     def __post_init__(self):
         if self.max_steps <= 0 and self.num_train_epochs <= 0:

@@ -30,6 +30,7 @@ from .modeling import (
     quantization_name,
     register_adapter_checkpointing,
 )
+from .throughput import make_batch_flops, peak_flops
 from .training import TrainResult, schedule_and_resume, start_run, train_loop
 
 
@@ -144,6 +145,10 @@ def run_dpo(model_args, data_args, dpo_args, train_args) -> dict:
         return DataLoader(data_lib.PairDataset(examples[split]), batch_size=batch_size, shuffle=shuffle,
                           collate_fn=collate, num_workers=train_args.dataloader_num_workers)
 
+    # Model FLOPs are counted on the unwrapped model, before `prepare` (dpo_core.throughput).
+    batch_flops = make_batch_flops(model, online_reference=ref_model is not None or adapter_ref)
+    peak, peak_source = peak_flops(accelerator.device, override=train_args.peak_flops)
+    accelerator.print(f"peak FLOP/s per device for train/mfu: {peak:.3g} ({peak_source})")
     train_loader = loader("train", train_args.per_device_train_batch_size, shuffle=True)
     eval_loader = loader("eval", train_args.per_device_eval_batch_size, False) if examples.get("eval") else None
     optimizer = build_optimizer(model, train_args)
@@ -173,7 +178,8 @@ def run_dpo(model_args, data_args, dpo_args, train_args) -> dict:
     forward = partial(FORWARDS[train_args.forward_mode], chunk_size=train_args.logps_chunk_size)
     step_fn = make_dpo_step(dpo_args, forward=forward, ref_model=ref_model, ref_context=ref_context)
     metrics = train_loop(accelerator, model, optimizer, scheduler, train_loader, step_fn, train_args,
-                         eval_loader=eval_loader, max_steps=max_steps, state=state, on_step_end=on_step_end)
+                         eval_loader=eval_loader, max_steps=max_steps, state=state, on_step_end=on_step_end,
+                         batch_flops=batch_flops, peak_flops=peak)
     return finish_run(accelerator, model, tokenizer, output_dir, metrics, model_args=model_args)
 
 

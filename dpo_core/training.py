@@ -31,6 +31,7 @@ from transformers import get_scheduler
 
 from .config import resolved_config, save_config
 from .distributed import configure_deepspeed
+from .throughput import processed_tokens
 
 logger = get_logger(__name__)
 
@@ -307,7 +308,8 @@ def handles_stop_signals(loop):
 def train_loop(accelerator: Accelerator, model, optimizer, scheduler, train_loader, step_fn: Callable, train_args,
                *, eval_loader=None, max_steps: int, state: TrainState | None = None,
                stop: StopSignals | None = None,
-               on_step_end: Callable[[TrainState], None] | None = None) -> dict[str, float]:
+               on_step_end: Callable[[TrainState], None] | None = None,
+               batch_flops: Callable | None = None, peak_flops: float | None = None) -> dict[str, float]:
     """Runs optimizer steps until `max_steps`; returns the last logged train metrics and eval metrics.
 
     `model`, `optimizer`, `train_loader` and `eval_loader` are already `accelerator.prepare`d. The
@@ -319,6 +321,12 @@ def train_loop(accelerator: Accelerator, model, optimizer, scheduler, train_load
     SIGTERM or SIGUSR1 (`stop`; installed for the loop's duration when not given) ends the run at the next
     optimizer-step boundary: every rank agrees, a complete checkpoint is saved, trackers end, and
     `TrainingPreempted` is raised (the scripts then exit with `PREEMPTED_EXIT_CODE`).
+
+    Throughput, per logging window (`dpo_core.throughput`): `tokens_per_second` counts the batches'
+    `num_tokens` (real tokens of the logical sequences, the same in every batch layout); `padding_ratio` is
+    1 - real tokens processed / positions processed (`processed_tokens(batch)` / `num_positions`); `mfu` is
+    `batch_flops(batch)` summed over processes per second, over `peak_flops` per process times the number
+    of processes (logged when both are given). Evaluation and checkpoint time is not in the window.
     """
     state = state or TrainState()
     ids_log = open_example_ids_log(accelerator, train_args.output_dir, state.global_step) \
@@ -326,7 +334,11 @@ def train_loop(accelerator: Accelerator, model, optimizer, scheduler, train_load
     window, params = MetricWindow(), [p for p in model.parameters() if p.requires_grad]
     logs: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
-    tokens, t_log = torch.zeros((), device=accelerator.device), time.perf_counter()
+    # Per logging window: logical tokens, real tokens processed, positions processed, model FLOPs; float64
+    # (FLOPs exceed float32's exact integers), summed on the device: no host sync per micro-batch.
+    counters = torch.zeros(4, dtype=torch.float32 if accelerator.device.type == "mps" else torch.float64,
+                           device=accelerator.device)
+    paused = 0.0  # seconds of evaluation and checkpointing inside the window, not counted as training time
     bad = torch.zeros((), device=accelerator.device)
     bar = tqdm(total=max_steps, initial=state.global_step, disable=not accelerator.is_local_main_process,
                desc="train", dynamic_ncols=True)
@@ -335,6 +347,7 @@ def train_loop(accelerator: Accelerator, model, optimizer, scheduler, train_load
         start_metrics = evaluate(accelerator, model, eval_loader, step_fn)
         accelerator.log({f"eval/{k}": v for k, v in start_metrics.items()}, step=0)
     model.train()
+    t_log = time.perf_counter()
     while state.global_step < max_steps:
         train_loader.set_epoch(state.epoch)
         loader = accelerator.skip_first_batches(train_loader, state.batches_in_epoch) \
@@ -351,7 +364,7 @@ def train_loop(accelerator: Accelerator, model, optimizer, scheduler, train_load
                 bad = torch.maximum(bad, (~torch.isfinite(loss.detach())).float())
                 accelerator.backward(loss)
                 window.add(stats)
-                tokens += batch["num_tokens"]
+                counters += window_counts(batch, batch_flops, counters)
             if not accelerator.sync_gradients:
                 continue
             grad_norm, skipped = apply_update(accelerator, optimizer, scheduler, params, bad, state, train_args,
@@ -367,18 +380,20 @@ def train_loop(accelerator: Accelerator, model, optimizer, scheduler, train_load
                 logs = window.flush(accelerator)
                 logs.update(learning_rate=scheduler.get_last_lr()[0], skipped_steps=state.skipped_steps,
                             epoch=state.epoch + state.batches_in_epoch / max(len(train_loader), 1),
-                            tokens_per_second=accelerator.reduce(tokens, reduction="sum").item()
-                            / max(time.perf_counter() - t_log, 1e-9))
+                            **throughput_metrics(accelerator, counters, time.perf_counter() - t_log - paused,
+                                                 peak_flops if batch_flops else None))
                 accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=step)
                 bar.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}")
-                tokens.zero_()
-                t_log = time.perf_counter()
+                counters.zero_()
+                t_log, paused = time.perf_counter(), 0.0
+            t_pause = time.perf_counter()
             if eval_loader is not None and train_args.eval_steps and step % train_args.eval_steps == 0:
                 eval_metrics = evaluate(accelerator, model, eval_loader, step_fn)
                 accelerator.log({f"eval/{k}": v for k, v in eval_metrics.items()}, step=step)
             if train_args.save_steps and step % train_args.save_steps == 0:
                 save_checkpoint(accelerator, train_args.output_dir, step, train_args.save_total_limit,
                                 scheduler=scheduler, state=state)
+            paused += time.perf_counter() - t_pause
             if stop.agreed and step < max_steps:  # at the last step, finishing is the better checkpoint
                 bar.close()
                 stop_preempted(accelerator, train_args, scheduler, state, ids_log)
@@ -396,6 +411,28 @@ def train_loop(accelerator: Accelerator, model, optimizer, scheduler, train_load
     return {**{f"train_{k}": v for k, v in logs.items()}, **{f"eval_{k}": v for k, v in eval_metrics.items()},
             **{f"eval_start_{k}": v for k, v in start_metrics.items()},
             "global_step": state.global_step, "skipped_steps": state.skipped_steps}
+
+
+def window_counts(batch: dict, batch_flops: Callable | None, like: torch.Tensor) -> torch.Tensor:
+    """`[logical tokens, real tokens processed, positions, model FLOPs]` of a micro-batch, on the device
+    without a host sync (the batch's counts are device tensors after `prepare`)."""
+    values = [batch["num_tokens"], processed_tokens(batch), batch["num_positions"],
+              batch_flops(batch) if batch_flops else 0.0]
+    return torch.stack([torch.as_tensor(v, device=like.device).to(like.dtype) for v in values])
+
+
+def throughput_metrics(accelerator: Accelerator, counters: torch.Tensor, seconds: float,
+                       peak_flops: float | None) -> dict[str, float]:
+    """`tokens_per_second`, `padding_ratio` and (with a peak) `mfu` of a window, over all processes.
+
+    `counters` holds this process's `[logical tokens, real tokens processed, positions, model FLOPs]`.
+    """
+    tokens, processed, positions, flops = accelerator.reduce(counters, reduction="sum").tolist()
+    seconds = max(seconds, 1e-9)
+    out = {"tokens_per_second": tokens / seconds, "padding_ratio": 1.0 - processed / max(positions, 1.0)}
+    if peak_flops:
+        out["mfu"] = flops / seconds / (peak_flops * accelerator.num_processes)
+    return out
 
 
 def apply_update(accelerator: Accelerator, optimizer, scheduler, params, bad: torch.Tensor, state: TrainState,

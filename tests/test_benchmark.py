@@ -1,0 +1,72 @@
+"""scripts/benchmark.py end to end on a very small setting, with TRL: the report's fields, ours and TRL
+agreeing numerically on the same batches, and TRL really configured as ours."""
+
+import json
+import math
+
+import pytest
+from helpers import run_script
+
+from dpo_core.benchmark import BenchmarkArguments, synthetic_pairs, token_hash
+from dpo_core.logps import FORWARDS
+
+SMALL = ["--num_pairs", "16", "--steps", "1", "--warmup_steps", "1", "--batch_size", "4", "--repeats", "1",
+         "--vocab_size", "1024", "--hidden_size", "64", "--intermediate_size", "128", "--prompt_lengths", "8", "24",
+         "--completion_lengths", "4", "12", "--max_length", "64", "--learning_rate", "1e-3"]
+
+
+def test_synthetic_pairs_are_seeded_and_in_range():
+    args = BenchmarkArguments(num_pairs=64, vocab_size=100, prompt_lengths=[3, 5], completion_lengths=[2, 4],
+                              max_length=16, steps=1, warmup_steps=1, batch_size=2)
+    pairs = synthetic_pairs(args)
+    assert token_hash((p["prompt_ids"], p["chosen_ids"], p["rejected_ids"]) for p in pairs) == token_hash(
+        (p["prompt_ids"], p["chosen_ids"], p["rejected_ids"]) for p in synthetic_pairs(args))
+    for p in pairs:
+        assert 3 <= len(p["prompt_ids"]) <= 5 and 3 <= len(p["chosen_ids"]) <= 5 and p["chosen_ids"][-1] == 1
+        assert all(3 <= i < 100 for i in p["prompt_ids"] + p["chosen_ids"][:-1])
+        assert p["chosen_ids"] != p["rejected_ids"]
+    long = BenchmarkArguments(long_prompts=True)
+    assert long.prompt_lengths[0] >= 3 * long.completion_lengths[1]
+
+
+@pytest.mark.slow
+def test_benchmark_end_to_end_against_trl(tmp_path):
+    pytest.importorskip("trl")
+    out = tmp_path / "bench"
+    proc = run_script("benchmark.py", ["--output_dir", str(out), *SMALL])
+    assert "| config | pairs/s |" in proc.stdout
+    report = json.loads((out / "benchmark.json").read_text())
+
+    configs = {c["config"]: c for c in report["configs"]}
+    modes = list(FORWARDS)
+    assert set(configs) == {*(f"ours/{m}" for m in modes), *(f"ours_cache/{m}" for m in modes), "trl",
+                            "trl_precompute"}
+    # Tokens per pair of the timed step (the second batch of 4 pairs), from the data file itself: one token
+    # per word plus EOS per completion, the prompt counted in both sequences.
+    rows = [json.loads(line) for line in (out / "data" / "train.jsonl").read_text().splitlines()][4:8]
+    words = sum(2 * len(r["prompt"].split()) + len(r["chosen"].split()) + len(r["rejected"].split()) + 2
+                for r in rows)
+    for name, c in configs.items():
+        assert c["pairs_per_second"] > 0 and 0 < c["mfu"] < 1 and c["peak_rss_mb"] > 100, name
+        assert c["tokens_per_second"] / c["pairs_per_second"] == pytest.approx(words / 4, rel=1e-9), name
+    assert configs["trl_precompute"]["precompute_seconds"] > 0
+    # The precompute script reports its forward time to 0.1 s (0.0 for 16 pairs on a fast machine).
+    assert report["cache_build"]["precompute_seconds"] >= 0 and report["cache_build"]["wall_seconds"] > 0
+    assert "ours/trl pairs_per_second (online)" in report["ratios"]
+
+    trl = report["trl_config"]
+    assert trl["per_device_train_batch_size"] == 4 and trl["learning_rate"] == 1e-3 and trl["max_length"] == 64
+    assert trl["gradient_checkpointing"] is False and trl["padding_free"] is False
+    assert trl["optim"].endswith("adamw_torch") and trl["train_sampling_strategy"] == "sequential"
+
+    first = report["numerics"]["first_steps"]
+    trl_steps = first["trl"]
+    assert trl_steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at step 1
+    # Step 2 follows one AdamW update (lr 1e-3): it moves the loss far from log 2, identically on both sides.
+    assert abs(trl_steps[1]["loss"] - math.log(2)) > 1e-3
+    for name, steps in first.items():
+        if name.startswith("ours"):
+            assert steps[0]["loss"] == pytest.approx(trl_steps[0]["loss"], abs=1e-4), name
+            for key in ("logps_chosen", "logps_rejected"):
+                assert steps[0][key] == pytest.approx(trl_steps[0][key], rel=1e-5), (name, key)
+            assert steps[1]["loss"] == pytest.approx(trl_steps[1]["loss"], abs=1e-4), name
