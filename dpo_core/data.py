@@ -414,7 +414,8 @@ def collate_padding_free(examples: list[Example], pad_token_id: int, pad_to_mult
             "position_ids": torch.tensor([positions], dtype=torch.long),
             "cu_seq_lens": torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32),
             "max_seq_len": torch.tensor(max(lengths)), **_scored_tokens(examples, starts),
-            "ids": torch.tensor([e.id for e in examples], dtype=torch.long), "num_tokens": n, "num_positions": n}
+            "ids": torch.tensor([e.id for e in examples], dtype=torch.long), "num_tokens": n, "num_positions": n,
+            "sequence_lengths": torch.tensor(lengths)}  # for the attention term of the model FLOPs
 
 
 def _pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -471,9 +472,13 @@ def collate_shared_prefix(examples: list[Example], pad_token_id: int, pad_to_mul
             starts[len(examples) + i] = (flat + p - 1, flat + p + c)
             offset += p + c + k
     num_tokens = sum(2 * len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in examples)
+    pair_lengths = [len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in examples]
+    processed = sum(pair_lengths)
     return {"input_ids": input_ids, "position_ids": position_ids, "pair_index": pair_index, "segment": segment,
             **_scored_tokens(examples, starts), "ids": torch.tensor([e.id for e in examples], dtype=torch.long),
-            "num_tokens": torch.tensor(num_tokens), "num_positions": torch.tensor(input_ids.numel())}
+            "num_tokens": torch.tensor(num_tokens), "num_positions": torch.tensor(input_ids.numel()),
+            # what the model really processes (the prompt once per pair), for padding ratio and model FLOPs
+            "num_processed_tokens": torch.tensor(processed), "sequence_lengths": torch.tensor(pair_lengths)}
 
 
 # Batch layouts by `--forward_mode`: each collator pairs with `dpo_core.logps.FORWARDS[mode]`.
