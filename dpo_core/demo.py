@@ -148,6 +148,39 @@ def write_demo_dataset(output_dir: str | Path, **kwargs) -> Path:
     return output_dir
 
 
+def demo_sft_dataset(seed: int = 0) -> dict[str, list[dict]]:
+    """Demonstrations for the SFT step before DPO, from the same prompts as `demo_dataset` (prompt/completion
+    records), written the way a model is before its preference tuning: it calls itself by its original name
+    (`OLD_NAME`), answers helpfully, and signs off politely or curtly at random. SFT on these teaches the
+    format and content; only DPO on the preference pairs teaches the new name and the polite sign-off.
+    """
+    rng = random.Random(seed + 1)
+    out = {}
+    for split, records in demo_dataset(seed=seed).items():
+        demos = []
+        for record in records:
+            chosen, rejected = record["chosen"][-1]["content"], record["rejected"][-1]["content"]
+            if NEW_NAME in chosen:  # identity pair: before the shift, the model says the old name
+                completion = rejected
+            elif any(chosen.endswith(s) for s in _SIGNOFF_GOOD):  # sign-off pair: either style
+                completion = rng.choice([chosen, rejected])
+            else:  # helpful versus dismissive: the helpful answer
+                completion = chosen
+            demos.append({"prompt": record["prompt"], "completion": _message("assistant", completion)})
+        out[split] = demos
+    return out
+
+
+def write_demo_sft_dataset(output_dir: str | Path, **kwargs) -> Path:
+    """Writes `demo_sft_dataset` as `train.jsonl` and `test.jsonl` into `output_dir`."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for split, records in demo_sft_dataset(**kwargs).items():
+        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        (output_dir / f"{split}.jsonl").write_text(lines, encoding="utf-8")
+    return output_dir
+
+
 def _corpus() -> list[str]:
     texts = [q for q in _IDENTITY_QUESTIONS] + [a.format(name=n) for a in _IDENTITY_ANSWERS
                                                 for n in (OLD_NAME, NEW_NAME)]

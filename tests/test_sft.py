@@ -230,3 +230,20 @@ def test_two_processes_equal_one_process_accumulating_their_micro_batches(tiny_m
     w1, w2 = load_weights(full_run), load_weights(two)
     for key in w1:  # Adam amplifies all-reduce ordering noise on near-zero gradients (see test_dpo_script)
         torch.testing.assert_close(w2[key], w1[key], atol=1e-4, rtol=1e-4)
+
+
+def test_shipped_demo_files_are_what_the_generators_write(tmp_path):
+    """`data/demo` and `data/demo_sft` are exactly `dpo_core.demo`'s output (no hand edits that drift), and the
+    demonstrations hold none of the preferences DPO teaches: the old name only, both sign-off styles."""
+    from dpo_core import demo
+
+    for name, write in (("demo", demo.write_demo_dataset), ("demo_sft", demo.write_demo_sft_dataset)):
+        written = write(tmp_path / name)
+        for split in ("train", "test"):
+            assert (written / f"{split}.jsonl").read_text() == (DEMO_DATA.parent / name / f"{split}.jsonl").read_text()
+    completions = [r["completion"][-1]["content"] for r in demo.demo_sft_dataset()["train"]]
+    assert not any(demo.NEW_NAME in c for c in completions)
+    assert any(demo.OLD_NAME in c for c in completions)
+    polite = sum(c.endswith(tuple(demo._SIGNOFF_GOOD)) for c in completions)
+    curt = sum(c.endswith(tuple(demo._SIGNOFF_BAD)) for c in completions)
+    assert polite > 10 and curt > 10
