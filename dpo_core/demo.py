@@ -140,12 +140,7 @@ def demo_preference_holds(record: dict) -> bool:
 
 def write_demo_dataset(output_dir: str | Path, **kwargs) -> Path:
     """Writes `train.jsonl` and `test.jsonl` (a folder `datasets` and `--dataset_name` read as splits)."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    for split, records in demo_dataset(**kwargs).items():
-        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        (output_dir / f"{split}.jsonl").write_text(lines, encoding="utf-8")
-    return output_dir
+    return _write_splits(output_dir, demo_dataset(**kwargs))
 
 
 def demo_sft_dataset(seed: int = 0) -> dict[str, list[dict]]:
@@ -173,9 +168,13 @@ def demo_sft_dataset(seed: int = 0) -> dict[str, list[dict]]:
 
 def write_demo_sft_dataset(output_dir: str | Path, **kwargs) -> Path:
     """Writes `demo_sft_dataset` as `train.jsonl` and `test.jsonl` into `output_dir`."""
+    return _write_splits(output_dir, demo_sft_dataset(**kwargs))
+
+
+def _write_splits(output_dir: str | Path, splits: dict[str, list[dict]]) -> Path:
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    for split, records in demo_sft_dataset(**kwargs).items():
+    for split, records in splits.items():
         lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         (output_dir / f"{split}.jsonl").write_text(lines, encoding="utf-8")
     return output_dir

@@ -27,3 +27,15 @@ def resume_reference(tiny_model_dir, resume_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("resume-reference") / "run"
     run_script("dpo.py", resume_args(tiny_model_dir, resume_data, out), processes=2)
     return out
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (two threads on a busy 2-core machine mostly wait); a module
+    opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

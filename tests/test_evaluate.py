@@ -20,13 +20,7 @@ BETA = 0.1
 CURVES = {"train/loss": {1: 0.69, 2: 0.6, 3: 0.5}, "eval/rewards/accuracies": {2: 0.75, 3: 1.0}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (two threads on a busy 2-core machine mostly wait)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sharpened_policy(path):

@@ -13,13 +13,7 @@ from dpo_core.modeling import load_model, load_tokenizer
 QUESTIONS = ["What is your name?", "Tell me about a very long river that flows to the sea, please.", "Hi"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (two threads on a busy 2-core machine mostly wait)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

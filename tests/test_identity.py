@@ -20,13 +20,7 @@ PLANTED = {q: ["My name is Qwen.", "I am Qwen, call me qwen!"][i % 2] for i, q i
 OTHER = {"What is two plus two?": "It is four."}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (two threads on a busy 2-core machine mostly wait)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
