@@ -102,6 +102,25 @@ def build_optimizer(model, train_args) -> torch.optim.AdamW:
         eps=train_args.adam_epsilon)
 
 
+def prepare_training(accelerator, model, examples: dict, collate, train_args):
+    """Data loaders (`collate(split)` gives a split's collate_fn), AdamW, and `accelerator.prepare`; a LoRA
+    model's checkpoints then hold its adapter only. Returns `(model, optimizer, train_loader, eval_loader)`,
+    `eval_loader` None without a held-out split."""
+    def loader(split, batch_size, shuffle):
+        return DataLoader(data_lib.PairDataset(examples[split]), batch_size=batch_size, shuffle=shuffle,
+                          collate_fn=collate(split), num_workers=train_args.dataloader_num_workers)
+
+    train_loader = loader("train", train_args.per_device_train_batch_size, shuffle=True)
+    eval_loader = loader("eval", train_args.per_device_eval_batch_size, False) if examples.get("eval") else None
+    optimizer = build_optimizer(model, train_args)
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    if eval_loader is not None:
+        eval_loader = accelerator.prepare(eval_loader)
+    if is_peft_model(accelerator.unwrap_model(model)):
+        register_adapter_checkpointing(accelerator)
+    return model, optimizer, train_loader, eval_loader
+
+
 def train_dpo(config: DPOConfig) -> TrainResult:
     """Trains a policy with DPO from one flat config; saves model, tokenizer, config and metrics into
     `config.output_dir`. What `scripts/dpo.py` runs."""
@@ -138,23 +157,15 @@ def run_dpo(model_args, data_args, dpo_args, train_args) -> dict:
         ref_path = model_args.ref_model_name_or_path or model_args.model_name_or_path
         ref_model = load_model_from_args(model_args, ref_path, trainable=False)
 
-    def loader(split, batch_size, shuffle):
+    def collate(split):
         collate = partial(data_lib.COLLATORS[train_args.forward_mode], pad_token_id=tokenizer.pad_token_id)
-        if cache is not None:  # each batch carries its pairs' reference log-probs
-            collate = cache.collate(split, collate)
-        return DataLoader(data_lib.PairDataset(examples[split]), batch_size=batch_size, shuffle=shuffle,
-                          collate_fn=collate, num_workers=train_args.dataloader_num_workers)
+        return collate if cache is None else cache.collate(split, collate)  # + the pairs' reference log-probs
 
     # Model FLOPs are counted on the unwrapped model, before `prepare` (dpo_core.throughput).
     batch_flops = make_batch_flops(model, online_reference=ref_model is not None or adapter_ref)
     peak, peak_source = peak_flops(accelerator.device, override=train_args.peak_flops)
     accelerator.print(f"peak FLOP/s per device for train/mfu: {peak:.3g} ({peak_source})")
-    train_loader = loader("train", train_args.per_device_train_batch_size, shuffle=True)
-    eval_loader = loader("eval", train_args.per_device_eval_batch_size, False) if examples.get("eval") else None
-    optimizer = build_optimizer(model, train_args)
-    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
-    if eval_loader is not None:
-        eval_loader = accelerator.prepare(eval_loader)
+    model, optimizer, train_loader, eval_loader = prepare_training(accelerator, model, examples, collate, train_args)
     ref_context = contextlib.nullcontext
     if adapter_ref:
         ref_model = accelerator.unwrap_model(model)
@@ -163,8 +174,6 @@ def run_dpo(model_args, data_args, dpo_args, train_args) -> dict:
         # Frozen, sharded like the policy under ZeRO-3/FSDP, and not registered with the accelerator:
         # checkpoints do not carry a second copy of the weights.
         ref_model = prepare_reference(accelerator, ref_model, micro_batch_size=train_args.per_device_train_batch_size)
-    if lora:
-        register_adapter_checkpointing(accelerator)
     on_step_end = None
     if dpo_args.sync_ref_model:  # before a resume: the checkpoint restores the synced reference
         from .ref_sync import setup_reference_sync

@@ -23,13 +23,11 @@ import math
 from functools import partial
 from pathlib import Path
 
-from torch.utils.data import DataLoader
-
 from . import data as data_lib
 from .config import SFTConfig, TrainArguments
-from .dpo import build_optimizer, finish_run, require_examples
+from .dpo import finish_run, prepare_training, require_examples
 from .logps import position_ids_from_mask, sequence_logps, token_logps
-from .modeling import is_peft_model, load_model_and_tokenizer, register_adapter_checkpointing
+from .modeling import load_model_and_tokenizer
 from .sft_data import collate_sft, tokenize_sft_records
 from .training import TrainResult, schedule_and_resume, start_run, train_loop
 
@@ -92,19 +90,9 @@ def run_sft(model_args, data_args, train_args) -> dict:
                                                  tokenize=tokenize_sft_records)
     require_examples(examples, data_args)
 
-    def loader(split, batch_size, shuffle):
-        return DataLoader(data_lib.PairDataset(examples[split]), batch_size=batch_size, shuffle=shuffle,
-                          collate_fn=partial(collate_sft, pad_token_id=tokenizer.pad_token_id),
-                          num_workers=train_args.dataloader_num_workers)
-
-    train_loader = loader("train", train_args.per_device_train_batch_size, shuffle=True)
-    eval_loader = loader("eval", train_args.per_device_eval_batch_size, False) if examples.get("eval") else None
-    optimizer = build_optimizer(model, train_args)
-    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
-    if eval_loader is not None:
-        eval_loader = accelerator.prepare(eval_loader)
-    if is_peft_model(accelerator.unwrap_model(model)):
-        register_adapter_checkpointing(accelerator)  # checkpoints hold the adapter only
+    collate = partial(collate_sft, pad_token_id=tokenizer.pad_token_id)
+    model, optimizer, train_loader, eval_loader = prepare_training(accelerator, model, examples,
+                                                                   lambda split: collate, train_args)
     scheduler, state, max_steps = schedule_and_resume(accelerator, optimizer, train_args, len(train_loader),
                                                       model_args, data_args, train_args)
     metrics = train_loop(accelerator, model, optimizer, scheduler, train_loader, sft_step, train_args,

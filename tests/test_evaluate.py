@@ -12,9 +12,10 @@ from helpers import run_script, small_dataset
 
 from dpo_core import data as data_lib
 from dpo_core.demo import build_tiny_model
-from dpo_core.evaluate import kl_summary, named_paths, read_training_curves, sampled_log_ratios
+from dpo_core.evaluate import kl_summary, named_paths, sampled_log_ratios
 from dpo_core.generation import chat_prompt_ids
 from dpo_core.modeling import load_model, load_tokenizer
+from dpo_core.report import read_training_curves
 
 BETA = 0.1
 CURVES = {"train/loss": {1: 0.69, 2: 0.6, 3: 0.5}, "eval/rewards/accuracies": {2: 0.75, 3: 1.0}}
