@@ -33,7 +33,7 @@ from helpers import (
     subprocess_env,
 )
 
-from dpo_core.training import complete_checkpoints
+from dpo_core.checkpoints import complete_checkpoints
 
 HOOKS = ROOT / "tests" / "hooks"
 
@@ -197,8 +197,9 @@ def test_stop_signal_in_process_raises_after_the_checkpoint_and_restores_handler
     """train_dpo in this process: SIGUSR1 (to itself) during the first micro-batch of step 2 ->
     `TrainingPreempted` at step 2 after the checkpoint is committed; the caller's handlers are back."""
     import dpo_core.dpo as dpo_module
+    from dpo_core.checkpoints import COMPLETE
     from dpo_core.config import DataArguments, DPOArguments, ModelArguments, TrainArguments, parse_config
-    from dpo_core.training import COMPLETE, TrainingPreempted
+    from dpo_core.training import TrainingPreempted
 
     real, calls = dpo_module.dpo_loss, {"n": 0}
 

@@ -6,8 +6,9 @@ from accelerate.state import AcceleratorState, GradientState
 from helpers import load_weights, read_scalars, results, small_dataset
 
 import dpo_core.dpo as dpo_module
+from dpo_core.checkpoints import COMPLETE, complete_checkpoints, resolve_resume
 from dpo_core.config import DataArguments, DPOArguments, ModelArguments, TrainArguments, parse_config
-from dpo_core.training import COMPLETE, NonFiniteError, complete_checkpoints, resolve_resume
+from dpo_core.training import NonFiniteError
 
 
 @pytest.fixture(autouse=True)
