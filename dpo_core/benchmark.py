@@ -36,7 +36,6 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -202,7 +201,7 @@ def run_ours(spec: dict) -> dict:
     from . import data as data_lib
     from .config import DataArguments, DPOArguments, ModelArguments, TrainArguments
     from .dpo import build_optimizer, load_reference_cache, make_dpo_step
-    from .logps import FORWARDS
+    from .logps import FORWARDS, make_collator
     from .modeling import load_model, load_tokenizer
     from .training import make_accelerator, train_loop
 
@@ -219,7 +218,7 @@ def run_ours(spec: dict) -> dict:
     model = load_model(spec["model_dir"])
     records, examples = data_lib.prepare_from_args(data_args, tokenizer, seed=spec["seed"], report_path=None)
     train = examples["train"]
-    collate = partial(data_lib.COLLATORS[mode], pad_token_id=tokenizer.pad_token_id)
+    collate = make_collator(mode, tokenizer.pad_token_id, model)
     ref_model = None
     if dpo_args.ref_logprobs:  # each batch carries its pairs' reference log-probs, as in dpo.py
         cache = load_reference_cache(dpo_args.ref_logprobs, model_args=model_args, data_args=data_args,
@@ -377,15 +376,23 @@ def _configurations(args: BenchmarkArguments) -> list[str]:
     return names
 
 
-def step_flops(pairs: list[dict], args: BenchmarkArguments, n_params: int, model_config, online: bool) -> list[float]:
-    """Model FLOPs of each step's batch (batches are the pairs in order: neither side shuffles)."""
+def step_flops(pairs: list[dict], args: BenchmarkArguments, n_params: int, model_config, online: bool,
+               shared_prompt: bool = False) -> list[float]:
+    """Model FLOPs of each step's batch (batches are the pairs in order: neither side shuffles), for the
+    layout the configuration runs: 2B prompt+completion sequences, or B prompt+chosen+rejected ones
+    (`shared_prompt`). The LM head counts on the completion tokens only (`dpo_core.throughput`)."""
     from .throughput import dpo_step_flops
 
     out = []
     for i in range(args.warmup_steps + args.steps):
         batch = pairs[i * args.batch_size:(i + 1) * args.batch_size]
-        lengths = [len(p["prompt_ids"]) + len(p[k]) for k in ("chosen_ids", "rejected_ids") for p in batch]
-        out.append(dpo_step_flops(n_params, model_config, lengths, online_reference=online).item())
+        if shared_prompt:
+            lengths = [len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in batch]
+        else:
+            lengths = [len(p["prompt_ids"]) + len(p[k]) for k in ("chosen_ids", "rejected_ids") for p in batch]
+        scored = sum(len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in batch)
+        out.append(dpo_step_flops(n_params, model_config, lengths, online_reference=online,
+                                  scored_tokens=scored).item())
     return out
 
 
@@ -485,8 +492,8 @@ def run_benchmark(args: BenchmarkArguments, scripts_dir: Path) -> dict:
     for name in names:
         check_runs(name, runs[name], expected_hash, expected_tokens, args)
         online = not name.startswith(("ours_cache", "trl_precompute"))
-        summary.append(summarize(name, runs[name], args, step_flops(pairs, args, n_params, model_config, online),
-                                 peak))
+        flops = step_flops(pairs, args, n_params, model_config, online, shared_prompt=name.endswith("shared_prefix"))
+        summary.append(summarize(name, runs[name], args, flops, peak))
     report = {"device": device, "peak_flops": peak, "peak_source": peak_source, "args": asdict(args),
               "n_matmul_params": n_params, "configs": summary, "numerics": numerics(runs),
               "trl_config": next((rs[0]["trl_config"] for rs in runs.values() if rs and "trl_config" in rs[0]), None),

@@ -389,33 +389,53 @@ def _scored_tokens(examples: list[Example], starts: list[tuple[int, int]]) -> di
             "logp_sequence": torch.tensor(sequence, dtype=torch.long)}
 
 
-def collate_padding_free(examples: list[Example], pad_token_id: int, pad_to_multiple_of: int | None = None
-                         ) -> dict[str, torch.Tensor]:
-    """The 2B sequences (chosen ones, then rejected ones) flattened into ONE row, no padding.
+def collate_padding_free(examples: list[Example], pad_token_id: int, pad_to_multiple_of: int | None = None,
+                         one_row: bool = False) -> dict[str, torch.Tensor]:
+    """The 2B sequences (chosen ones, then rejected ones) packed without per-sequence padding.
+
+    `one_row=True` (flash-attn varlen): all of them in ONE row, nothing padded. Otherwise (sdpa, eager, flex,
+    which take a mask): packed into rows as long as the longest sequence (rounded up to `pad_to_multiple_of`),
+    first-fit decreasing, each row padded at its end: attention then stays within row-sized blocks instead of
+    one `[N, N]` mask over the whole batch, and little is padded. Padding positions get position 0, so each
+    is a sequence of its own to transformers and no real token attends to it.
 
     Returns:
-        input_ids, position_ids: [1, N] long; positions restart at 0 for each sequence (transformers reads the
-            sequence boundaries from them). cu_seq_lens: [2B + 1] int32 boundaries, max_seq_len: scalar (for
-            flash-attn varlen). logp_positions, logp_labels, logp_sequence: [M] long, the flat positions that
-            predict the M completion tokens, those tokens, and their sequence (see `_scored_tokens`).
-        ids, num_tokens, num_positions: as `collate_concat` (here num_positions == num_tokens).
-        `pad_to_multiple_of` is accepted for a uniform signature; nothing is padded.
+        input_ids, position_ids: [R, L] long ([1, N] with `one_row`); positions restart at 0 for each
+            sequence (transformers reads the sequence boundaries from them). With `one_row`: cu_seq_lens,
+            [2B + 1] int32 boundaries, and max_seq_len, a scalar (for flash-attn varlen).
+        logp_positions, logp_labels, logp_sequence: [M] long, the flat positions (into R * L) that predict
+            the M completion tokens, those tokens, and their sequence (see `_scored_tokens`).
+        ids, num_tokens, num_positions (R * L), sequence_lengths: [2B], as in `collate_shared_prefix`.
     """
     rows = [(e.prompt_ids, e.chosen_ids) for e in examples] + [(e.prompt_ids, e.rejected_ids) for e in examples]
-    ids, positions, lengths, starts, offset = [], [], [], [], 0
-    for p, c in rows:
-        ids += p + c
-        positions += range(len(p) + len(c))
-        lengths.append(len(p) + len(c))
-        starts.append((offset + len(p) - 1, offset + len(p)))
-        offset += len(p) + len(c)
-    n = torch.tensor(offset)
-    return {"input_ids": torch.tensor([ids], dtype=torch.long),
-            "position_ids": torch.tensor([positions], dtype=torch.long),
-            "cu_seq_lens": torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32),
-            "max_seq_len": torch.tensor(max(lengths)), **_scored_tokens(examples, starts),
-            "ids": torch.tensor([e.id for e in examples], dtype=torch.long), "num_tokens": n, "num_positions": n,
-            "sequence_lengths": torch.tensor(lengths)}  # for the attention term of the model FLOPs
+    lengths = [len(p) + len(c) for p, c in rows]
+    if one_row:
+        width, packing = sum(lengths), [list(range(len(rows)))]
+    else:
+        width = max(lengths)
+        if pad_to_multiple_of:
+            width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+        packing = _pack_rows(lengths, width)
+    input_ids = torch.full((len(packing), width), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((len(packing), width), dtype=torch.long)
+    starts = [None] * len(rows)
+    for r, members in enumerate(packing):
+        offset = 0
+        for i in members:
+            p, c = rows[i]
+            input_ids[r, offset:offset + lengths[i]] = torch.tensor(p + c, dtype=torch.long)
+            position_ids[r, offset:offset + lengths[i]] = torch.arange(lengths[i])
+            flat = r * width + offset
+            starts[i] = (flat + len(p) - 1, flat + len(p))
+            offset += lengths[i]
+    batch = {"input_ids": input_ids, "position_ids": position_ids, **_scored_tokens(examples, starts),
+             "ids": torch.tensor([e.id for e in examples], dtype=torch.long),
+             "num_tokens": torch.tensor(sum(lengths)), "num_positions": torch.tensor(input_ids.numel()),
+             "sequence_lengths": torch.tensor(lengths)}  # for the attention term of the model FLOPs
+    if one_row:
+        batch["cu_seq_lens"] = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        batch["max_seq_len"] = torch.tensor(max(lengths))
+    return batch
 
 
 def _pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -481,5 +501,6 @@ def collate_shared_prefix(examples: list[Example], pad_token_id: int, pad_to_mul
             "num_processed_tokens": torch.tensor(processed), "sequence_lengths": torch.tensor(pair_lengths)}
 
 
-# Batch layouts by `--forward_mode`: each collator pairs with `dpo_core.logps.FORWARDS[mode]`.
+# Batch layouts by `--forward_mode`: each collator pairs with `dpo_core.logps.FORWARDS[mode]`; build one with
+# `dpo_core.logps.make_collator`, which picks the layout the model's attention implementation takes.
 COLLATORS = {"concat": collate_concat, "padding_free": collate_padding_free, "shared_prefix": collate_shared_prefix}

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from . import data as data_lib
 from .config import DPOConfig
 from .distributed import prepare_reference, shutdown
-from .logps import FORWARDS
+from .logps import FORWARDS, make_collator
 from .losses import dpo_loss, preference_metrics
 from .modeling import (
     adapter_reference,
@@ -158,7 +158,7 @@ def run_dpo(model_args, data_args, dpo_args, train_args) -> dict:
         ref_model = load_model_from_args(model_args, ref_path, trainable=False)
 
     def collate(split):
-        collate = partial(data_lib.COLLATORS[train_args.forward_mode], pad_token_id=tokenizer.pad_token_id)
+        collate = make_collator(train_args.forward_mode, tokenizer.pad_token_id, model)
         return collate if cache is None else cache.collate(split, collate)  # + the pairs' reference log-probs
 
     # Model FLOPs are counted on the unwrapped model, before `prepare` (dpo_core.throughput).

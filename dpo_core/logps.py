@@ -10,8 +10,9 @@ each `[2B, T]`, rows `0..B-1` = prompt + chosen, rows `B..2B-1` = prompt + rejec
 
 Other batch layouts register their own forward in `FORWARDS`, all with the signature
 `(model, batch, *, ld_alpha, wpo, chunk_size) -> ForwardOutput` and the same numbers (float32 rounding):
-`padding_free` (the 2B sequences in one row, `dpo_core.data.collate_padding_free`) and `shared_prefix`
+`padding_free` (the 2B sequences packed without per-sequence padding, `dpo_core.data.collate_padding_free`) and `shared_prefix`
 (prompt + chosen + rejected as one sequence per pair, `dpo_core.data.collate_shared_prefix`).
+`make_collator(mode, pad_token_id, model)` builds the collator that goes with a mode and a model.
 
 Every layout scores only the positions that predict a completion token, and by default chunk by chunk from
 the final hidden states (`completion_token_stats`): the `[2B, T, V]` float32 logits never exist.
@@ -20,6 +21,7 @@ the final hidden states (`completion_token_stats`): the `[2B, T, V]` float32 log
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -285,14 +287,17 @@ def attn_implementation(model) -> str:
 
 def padding_free_forward(model, batch: dict[str, Tensor], *, ld_alpha: float | None = None, wpo: bool = False,
                          chunk_size: int = DEFAULT_CHUNK_SIZE) -> ForwardOutput:
-    """The 2B sequences as one row without padding (`dpo_core.data.collate_padding_free`).
+    """The 2B sequences packed without per-sequence padding (`dpo_core.data.collate_padding_free`).
 
     No attention mask is passed: transformers then reads the sequence boundaries from the restarting
     `position_ids` (`masking_utils.find_packed_sequence_indices`) and gives SDPA/eager/flex a block-diagonal
-    causal mask; flash-attn gets the varlen boundaries `cu_seq_lens_*` from the batch.
+    causal mask per row; flash-attn gets the varlen boundaries `cu_seq_lens_*` of the one-row layout.
     """
     inputs = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
     if "flash" in attn_implementation(model):
+        if "cu_seq_lens" not in batch:
+            raise ValueError("forward_mode padding_free with flash-attn needs the one-row layout (varlen "
+                             "boundaries): build the collator with dpo_core.logps.make_collator(mode, pad, model)")
         cu = batch["cu_seq_lens"].to(torch.int32)
         inputs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=int(batch["max_seq_len"]),
                       max_length_k=int(batch["max_seq_len"]))
@@ -355,3 +360,14 @@ def shared_prefix_forward(model, batch: dict[str, Tensor], *, ld_alpha: float | 
 
 FORWARDS = {"concat": concatenated_forward, "padding_free": padding_free_forward,
             "shared_prefix": shared_prefix_forward}
+
+
+def make_collator(mode: str, pad_token_id: int, model=None):
+    """The collator of `--forward_mode mode` for `model`: `padding_free` puts every sequence in one row for
+    flash-attn (varlen) and packs them into rows as long as the longest sequence for the others."""
+    from .data import COLLATORS
+
+    if mode == "padding_free":
+        one_row = model is not None and "flash" in attn_implementation(model)
+        return partial(COLLATORS[mode], pad_token_id=pad_token_id, one_row=one_row)
+    return partial(COLLATORS[mode], pad_token_id=pad_token_id)

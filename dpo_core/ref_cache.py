@@ -31,8 +31,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .config import check_forward_mode
-from .data import COLLATORS, PairDataset, dataset_fingerprint, tokenizer_fingerprint
-from .logps import FORWARDS
+from .data import PairDataset, dataset_fingerprint, tokenizer_fingerprint
+from .logps import FORWARDS, make_collator
 from .modeling import weights_fingerprint
 
 FORMAT_VERSION = 1
@@ -208,7 +208,7 @@ def forward_split(accelerator, model, examples, *, batch_size: int, pad_token_id
     ordered = sorted(examples, key=lambda e: -(len(e.prompt_ids) + max(len(e.chosen_ids), len(e.rejected_ids))))
     loader = accelerator.prepare(torch.utils.data.DataLoader(
         PairDataset(ordered), batch_size=batch_size, shuffle=False,
-        collate_fn=partial(COLLATORS[forward_mode], pad_token_id=pad_token_id)))
+        collate_fn=make_collator(forward_mode, pad_token_id, model)))
     sharded = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
     forward = partial(FORWARDS[forward_mode], ld_alpha=ld_alpha, chunk_size=chunk_size)
     ids, chosen, rejected = [], [], []

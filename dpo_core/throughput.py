@@ -10,10 +10,18 @@ embedding table, which is a lookup; the LM head counts, also when tied to the em
 is attention's `QK^T` and `AV` over a context of `T` tokens (counted in full, not halved for the causal mask,
 as PaLM and nanoGPT do). A forward alone is a third of it: `2 * N + 4 * n_layers * hidden * T`.
 
-For a sequence of `n` real tokens, the attention term uses `T = n`, so a batch costs
-`6 * N * sum(n_i) + 12 * n_layers * hidden * sum(n_i ** 2)` — padding and recomputation (gradient
-checkpointing) are not model FLOPs. A DPO step with an online reference adds one reference forward over the
-same tokens (`(6 + 2) / 6` of the policy's FLOPs); with the reference cache it adds nothing.
+One departure, because DPO reads only some logits: the LM head (`hidden * vocab` of `N`) is counted only on
+the positions whose log-probs the loss reads (the ones that predict a completion token), not on prompt
+positions. Counting it everywhere would credit work the step does not need; at a 32k-128k vocabulary the
+head is most of a small model's FLOPs, and the MFU of a step that skips it would pass 100%. So a forward over
+sequences of real lengths `n_i` with `S` scored tokens costs
+
+    2 * N_body * sum(n_i) + 2 * N_head * S + 4 * n_layers * hidden * sum(n_i ** 2)
+
+with `N_body = N - N_head`. Padding and recomputation (gradient checkpointing, chunked log-probs) are not
+model FLOPs; a layout that runs a shared prompt once (`shared_prefix`) has sequences prompt + chosen +
+rejected, and its FLOPs are those of what it runs. A DPO step with an online reference adds one reference
+forward (`(6 + 2) / 6` of the policy's FLOPs); with the reference cache it adds nothing.
 
 MFU = achieved model FLOPs per second / peak FLOPs per second (summed over processes).
 """
@@ -72,26 +80,35 @@ def attention_width(config) -> int:
     return config.num_attention_heads * head_dim
 
 
-def forward_flops(n_params: int, config, lengths) -> torch.Tensor:
-    """Model FLOPs of one forward over sequences of the given lengths: `sum(2 N n_i + 4 L h n_i^2)`.
+def head_params(config) -> int:
+    """`N_head`: the LM head's share of `matmul_params`, `hidden * vocab` (tied or not)."""
+    return config.hidden_size * config.vocab_size
+
+
+def forward_flops(n_params: int, config, lengths, scored_tokens=None) -> torch.Tensor:
+    """Model FLOPs of one forward: `2 N_body sum(n_i) + 2 N_head S + 4 L h sum(n_i^2)`.
 
     Args:
-        n_params: `matmul_params(model)`.
-        config: the model config (`num_hidden_layers`, attention width).
+        n_params: `matmul_params(model)` (`N`, LM head included).
+        config: the model config (`num_hidden_layers`, attention width, `hidden_size * vocab_size` = `N_head`).
         lengths: real-token count of each sequence (a list of ints or a 1-D tensor on any device).
+        scored_tokens: `S`, the positions whose logits are read; None: every position (plain PaLM).
     Returns:
         A 0-dim float64 tensor on the device of `lengths` (no host sync; float32 on MPS).
     """
     lengths = torch.as_tensor(lengths)
     lengths = lengths.to(torch.float32 if lengths.device.type == "mps" else torch.float64).flatten()
+    tokens = lengths.sum()
+    scored = tokens if scored_tokens is None else torch.as_tensor(scored_tokens, device=lengths.device).to(tokens)
+    head = head_params(config)
     attention = 4 * config.num_hidden_layers * attention_width(config) * (lengths ** 2).sum()
-    return 2 * n_params * lengths.sum() + attention
+    return 2 * (n_params - head) * tokens + 2 * head * scored + attention
 
 
-def dpo_step_flops(n_params: int, config, lengths, *, online_reference: bool) -> torch.Tensor:
+def dpo_step_flops(n_params: int, config, lengths, *, online_reference: bool, scored_tokens=None) -> torch.Tensor:
     """Model FLOPs of a DPO micro-batch: policy forward + backward (3 forwards), plus the reference forward
     when a reference model runs online (not with the reference cache)."""
-    return (3 + int(online_reference)) * forward_flops(n_params, config, lengths)
+    return (3 + int(online_reference)) * forward_flops(n_params, config, lengths, scored_tokens)
 
 
 def sequence_lengths(batch: dict) -> torch.Tensor:
@@ -115,6 +132,16 @@ def processed_tokens(batch: dict):
     return batch.get("num_processed_tokens", batch["num_tokens"])
 
 
+def scored_tokens(batch: dict):
+    """Positions whose logits the loss reads: the completion tokens (`logp_labels` of the packed layouts,
+    `completion_mask` of the padded one); None when the batch says neither (then every position counts)."""
+    if "logp_labels" in batch:
+        return batch["logp_labels"].numel()
+    if "completion_mask" in batch:
+        return batch["completion_mask"].sum()
+    return None
+
+
 def make_batch_flops(model, *, online_reference: bool):
     """`batch -> model FLOPs of the DPO micro-batch`, for `train_loop(..., batch_flops=...)`."""
     config = getattr(model, "config", None)
@@ -123,7 +150,8 @@ def make_batch_flops(model, *, online_reference: bool):
     n_params = matmul_params(model)
 
     def batch_flops(batch: dict) -> float:
-        return dpo_step_flops(n_params, config, sequence_lengths(batch), online_reference=online_reference)
+        return dpo_step_flops(n_params, config, sequence_lengths(batch), online_reference=online_reference,
+                              scored_tokens=scored_tokens(batch))
 
     return batch_flops
 

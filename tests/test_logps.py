@@ -13,6 +13,7 @@ from dpo_core.data import COLLATORS, Example, collate_concat
 from dpo_core.logps import (
     FORWARDS,
     concatenated_forward,
+    make_collator,
     padding_free_forward,
     sequence_logps,
     shared_prefix_forward,
@@ -148,7 +149,18 @@ def test_padding_token_values_do_not_matter(model):
 # float32 rounding), and gradients w.r.t. every parameter to 1e-5 of the largest gradient entry. The plain
 # concat path itself is checked against a float64 per-token loop over separate forwards.
 
-MODES = ["concat", "padding_free", "shared_prefix"]
+# padding_free in both of its layouts: rows as long as the longest sequence (sdpa/eager), and one row (flash)
+MODES = ["concat", "padding_free", "padding_free_one_row", "shared_prefix"]
+
+
+def collate(mode, examples):
+    if mode == "padding_free_one_row":
+        return COLLATORS["padding_free"](examples, pad_token_id=PAD, one_row=True)
+    return COLLATORS[mode](examples, pad_token_id=PAD)
+
+
+def forward_of(mode):
+    return FORWARDS[mode.removesuffix("_one_row")]
 FIELDS = ["chosen_logps", "rejected_logps", "chosen_lengths", "rejected_lengths", "chosen_nll",
           "chosen_mean_logits", "rejected_mean_logits", "chosen_wpo_log_weights", "rejected_wpo_log_weights"]
 
@@ -163,7 +175,7 @@ def load_scaled(model_dir, attn, dtype=torch.float32):
 def run_mode(model, examples, mode, chunk_size, **kwargs):
     """ForwardOutput and the gradient of a loss that touches every output, w.r.t. the trainable parameters."""
     model.zero_grad(set_to_none=True)
-    out = FORWARDS[mode](model, COLLATORS[mode](examples, pad_token_id=PAD), chunk_size=chunk_size, **kwargs)
+    out = forward_of(mode)(model, collate(mode, examples), chunk_size=chunk_size, **kwargs)
     loss = out.chosen_logps.sum() - 0.7 * out.rejected_logps.sum() + 0.1 * out.chosen_nll.sum()
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -192,6 +204,7 @@ def attn_model(request, tiny_model_dir):
 def test_every_mode_and_chunking_equals_plain_concat_values_and_gradients(attn_model):
     # Odd lengths, a one-token completion, prompts longer than completions; chunk 3 splits sequences.
     examples = make_examples(5, seed=4) + [Example(9, [7, 8, 9, 10, 11, 12, 13], [14], [15, 16, 17])]
+    assert collate("padding_free", examples)["input_ids"].shape[0] < 12  # rows holding several sequences
     for kwargs in ({"wpo": True, "ld_alpha": 0.5},):
         ref, ref_grads = run_mode(attn_model, examples, "concat", 0, **kwargs)
         for mode in MODES:
@@ -219,7 +232,7 @@ def test_every_mode_equals_float64_per_token_loop(attn_model):
     for mode in MODES:
         for subset in (examples, examples[2:3]):  # and a batch of one
             with torch.no_grad():
-                out = FORWARDS[mode](attn_model, COLLATORS[mode](subset, pad_token_id=PAD), chunk_size=2)
+                out = forward_of(mode)(attn_model, collate(mode, subset), chunk_size=2)
             want = expected if len(subset) > 1 else expected[2:3]
             torch.testing.assert_close(out.chosen_logps.double(), torch.tensor([c for c, _ in want],
                                        dtype=torch.float64), atol=1e-5, rtol=1e-6)
@@ -233,7 +246,7 @@ def test_the_masks_really_apply(attn_model):
     examples = make_examples(3, seed=6)
     with torch.no_grad():
         ref = concatenated_forward(attn_model, collate_concat(examples, PAD))
-        batch = COLLATORS["padding_free"](examples, pad_token_id=PAD)
+        batch = COLLATORS["padding_free"](examples, pad_token_id=PAD, one_row=True)
         batch["position_ids"] = torch.arange(batch["input_ids"].shape[1]).unsqueeze(0)
         leaky = padding_free_forward(attn_model, batch)
         batch = COLLATORS["shared_prefix"](examples, pad_token_id=PAD)
@@ -254,9 +267,16 @@ def test_shared_prefix_packs_pairs_into_rows():
     assert batch["num_positions"].item() == 2 * 17
     # pair 0: positions restart after the prompt for the rejected part
     assert batch["position_ids"][0].tolist() == list(range(14)) + [10, 11, 12]
-    pf = COLLATORS["padding_free"](examples, pad_token_id=PAD)
+    pf = COLLATORS["padding_free"](examples, pad_token_id=PAD, one_row=True)
     assert pf["num_tokens"].item() == batch["num_tokens"].item() == collate_concat(examples, PAD)["num_tokens"].item()
-    assert pf["cu_seq_lens"].tolist() == [0, 14, 17, 21, 34, 37, 41]
+    assert pf["cu_seq_lens"].tolist() == [0, 14, 17, 21, 34, 37, 41] and pf["input_ids"].shape == (1, 41)
+    # rows as long as the longest sequence (14), first-fit decreasing: [14], [13], [4, 4, 3, 3]
+    rows = COLLATORS["padding_free"](examples, pad_token_id=PAD)
+    assert rows["input_ids"].shape == (3, 14) and rows["num_positions"].item() == 42
+    assert rows["num_tokens"].item() == 41 and "cu_seq_lens" not in rows
+    assert rows["position_ids"][1].tolist() == list(range(13)) + [0]  # the padding position: a sequence of its own
+    assert rows["position_ids"][2].tolist() == [0, 1, 2, 3] * 2 + [0, 1, 2] * 2
+    assert rows["input_ids"][1, 13].item() == PAD
 
 
 def test_flex_block_mask_equals_the_dense_mask():
@@ -293,7 +313,7 @@ def test_flex_attention_model_forward_on_gpu(tiny_model_dir):
 
     ref = concatenated_forward(model, on_gpu(collate_concat(examples, PAD)), chunk_size=0)
     for mode in ("padding_free", "shared_prefix"):
-        out = FORWARDS[mode](model, on_gpu(COLLATORS[mode](examples, pad_token_id=PAD)))
+        out = FORWARDS[mode](model, on_gpu(make_collator(mode, PAD, model)(examples)))
         torch.testing.assert_close(out.chosen_logps, ref.chosen_logps, atol=1e-4, rtol=1e-5)
         torch.testing.assert_close(out.rejected_logps, ref.rejected_logps, atol=1e-4, rtol=1e-5)
         (out.chosen_logps.sum() - out.rejected_logps.sum()).backward()  # flex backward exists on GPU
@@ -305,7 +325,7 @@ def test_bf16_weights_give_float32_logps_in_every_mode(tiny_model_dir):
     with torch.no_grad():
         ref = concatenated_forward(model, collate_concat(examples, PAD), chunk_size=0)
         for mode in MODES:
-            out = FORWARDS[mode](model, COLLATORS[mode](examples, pad_token_id=PAD), chunk_size=4)
+            out = forward_of(mode)(model, collate(mode, examples), chunk_size=4)
             assert out.chosen_logps.dtype == out.chosen_nll.dtype == torch.float32
             # bf16 hidden states differ with the layout (other kernels); the log-softmax itself is float32.
             torch.testing.assert_close(out.chosen_logps, ref.chosen_logps, atol=0.5, rtol=2e-2)
@@ -362,3 +382,31 @@ def test_chunked_logps_never_allocate_full_logits(tmp_path):
     weight_bytes = max(p.numel() * p.element_size() for p in model.parameters())  # embeddings, lm_head (+grads)
     assert sizes[0] >= logits_bytes  # the watch sees the plain path's logits (the test can fail)
     assert sizes[16] <= max(16 * config.vocab_size * 4, weight_bytes) < logits_bytes / 10
+
+
+def test_make_collator_picks_the_padding_free_layout_of_the_attention(tiny_model_dir):
+    """flash-attn gets the one-row varlen layout; a mask-taking implementation gets packed rows, and the
+    flash forward refuses packed rows instead of attending across sequences."""
+    model = load_scaled(tiny_model_dir, "sdpa")
+    examples = make_examples(4, seed=3)
+    assert "cu_seq_lens" not in make_collator("padding_free", PAD, model)(examples)
+    assert make_collator("padding_free", PAD, model)(examples)["input_ids"].shape[0] > 1
+    assert set(make_collator("shared_prefix", PAD, model)(examples)) == set(COLLATORS["shared_prefix"](examples, PAD))
+    model.config._attn_implementation = "flash_attention_2"  # what the collator reads (flash-attn not needed)
+    batch = make_collator("padding_free", PAD, model)(examples)
+    assert batch["input_ids"].shape[0] == 1 and batch["cu_seq_lens"][-1].item() == batch["input_ids"].shape[1]
+    with pytest.raises(ValueError, match="one-row layout"):
+        padding_free_forward(model, COLLATORS["padding_free"](examples, PAD))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash-attn varlen needs a GPU")
+def test_flash_varlen_padding_free_equals_concat_on_gpu(tiny_model_dir):
+    pytest.importorskip("flash_attn")
+    model = load_scaled(tiny_model_dir, "flash_attention_2", torch.bfloat16).cuda()
+    examples = make_examples(4, seed=3)
+    batch = {k: v.cuda() for k, v in make_collator("padding_free", PAD, model)(examples).items()}
+    assert batch["input_ids"].shape[0] == 1
+    with torch.no_grad():
+        out = padding_free_forward(model, batch)
+        ref = concatenated_forward(model, {k: v.cuda() for k, v in collate_concat(examples, PAD).items()})
+    torch.testing.assert_close(out.chosen_logps, ref.chosen_logps, atol=0.5, rtol=2e-2)  # bf16 kernels differ

@@ -10,13 +10,16 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from dpo_core import data as data_lib
+from dpo_core.logps import FORWARDS
 from dpo_core.throughput import (
     dpo_step_flops,
     forward_flops,
     gpu_peak_flops,
+    head_params,
     matmul_params,
     measured_matmul_flops,
     peak_flops,
+    scored_tokens,
     sequence_lengths,
 )
 
@@ -67,6 +70,30 @@ def test_training_step_flops_are_three_forwards():
         4 * forward_flops(n, model.config, [48]).item())
 
 
+@pytest.mark.parametrize("mode", ["concat", "padding_free"])
+def test_dpo_forward_flops_count_the_head_on_completion_tokens_only(mode):
+    """The chunked log-prob forward runs the LM head on the scored positions only; torch's counter agrees
+    with `2 N_body sum(n) + 2 N_head S + 4 L h sum(n^2)`, S = completion tokens (no padding: equal lengths)."""
+    model = _llama()
+    g = torch.Generator().manual_seed(0)
+    examples = [data_lib.Example(id=i, prompt_ids=torch.randint(1, 512, (9,), generator=g).tolist(),
+                                 chosen_ids=torch.randint(1, 512, (5,), generator=g).tolist(),
+                                 rejected_ids=torch.randint(1, 512, (5,), generator=g).tolist()) for i in range(3)]
+    batch = data_lib.COLLATORS[mode](examples, pad_token_id=0)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        FORWARDS[mode](model, batch, chunk_size=4)
+    lengths = [14] * 6
+    assert scored_tokens(batch) == 30 and sequence_lengths(batch).tolist() == lengths
+    expected = forward_flops(matmul_params(model), model.config, lengths, scored_tokens(batch)).item()
+    assert counter.get_total_flops() == pytest.approx(expected - 2 * _norm_params(model) * sum(lengths),
+                                                      rel=FLOP_RTOL)
+    head = head_params(model.config)
+    assert head == model.lm_head.weight.numel()
+    # the head on every position would cost 2 N_head (84 - 30) more per forward
+    assert forward_flops(matmul_params(model), model.config, lengths).item() - expected == pytest.approx(
+        2 * head * 54, rel=FLOP_RTOL)
+
+
 def test_sequence_lengths_of_a_padded_batch():
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
     assert sequence_lengths({"attention_mask": mask}).tolist() == [3, 2]
@@ -108,8 +135,12 @@ def test_throughput_scalars_in_tensorboard(tiny_model_dir, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     config = model.config
     n = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
-    # policy forward + backward + online reference forward = 4 forwards of 2N per token + attention
-    flops = 4 * (2 * n * sum(lengths) + 4 * config.num_hidden_layers * config.hidden_size * sum(x * x for x in lengths))
+    head = model.get_output_embeddings().weight.numel()
+    completions = sum(len(c) for e in examples["train"] for c in (e.chosen_ids, e.rejected_ids))
+    # policy forward + backward + online reference forward = 4 forwards: 2 N_body per token, 2 N_head per
+    # completion token (the only logits DPO reads), attention
+    flops = 4 * (2 * (n - head) * sum(lengths) + 2 * head * completions
+                 + 4 * config.num_hidden_layers * config.hidden_size * sum(x * x for x in lengths))
     for step in (1, 2):
         assert scalars["train/padding_ratio"][step] == pytest.approx(padding, abs=1e-6)
         tps, mfu = scalars["train/tokens_per_second"][step], scalars["train/mfu"][step]
