@@ -20,6 +20,7 @@ the final hidden states (`completion_token_stats`): the `[2B, T, V]` float32 log
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from functools import partial
 
@@ -128,11 +129,43 @@ def _output_head(base: nn.Module) -> tuple[nn.Module, str, nn.Module]:
     raise ValueError(f"{type(base).__name__}: the output embeddings are not a submodule")
 
 
-def _token_stats(head: nn.Module, hidden: Tensor, labels: Tensor, softcap: float | None, with_wpo: bool):
+@dataclass(frozen=True)
+class LogitTransform:
+    """What a model's forward does to the LM head's output before returning it as logits:
+    `softcap * tanh(scale * x / softcap)` (no softcap: `scale * x`). The chunked head bypasses that code, so it
+    applies this itself; `completion_token_stats` checks it once per model against the model's own output."""
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+def logit_transform(config) -> LogitTransform:
+    """The post-head transform the transformers model of `config` applies, from the config fields that the
+    library's forwards read: Gemma-2/3/4's `final_logit_softcapping`, Cohere's `logit_scale` (times),
+    Granite's `logits_scaling` (divided by; HyperCLOVA X multiplies), `output_multiplier` (times)."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scale = 1.0
+    for name in ("logit_scale", "output_multiplier"):
+        value = getattr(config, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            scale *= value
+    value = getattr(config, "logits_scaling", None)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value:
+        scale = scale * value if str(getattr(config, "model_type", "")).startswith("hyperclovax") else scale / value
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return LogitTransform(float(scale), float(softcap) if softcap else None)
+
+
+def _token_stats(head: nn.Module, hidden: Tensor, labels: Tensor, transform: LogitTransform, with_wpo: bool):
     """log p(label), mean logit and (WPO) log sum_v p_v^2 of `hidden` `[n, H]` rows; the log-softmax in float32."""
-    logits = head(hidden).float()
-    if softcap is not None:  # Gemma-2/3 cap their logits after lm_head, inside the forward we bypass
-        logits = torch.tanh(logits / softcap) * softcap
+    logits = transform(head(hidden).float())
     log_norm = logits.logsumexp(-1)
     logp = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - log_norm
     with torch.no_grad():
@@ -149,14 +182,17 @@ class _ChunkedHead(nn.Module):
     again in backward (recomputed there). The real head is *called* (never its weight read directly), inside
     the wrapped model's forward, so ZeRO-3 / FSDP gather its weight as they would for the plain path, and
     LoRA or modules_to_save on lm_head apply.
+
+    With `probe`, it returns the head's raw output for the first scored position instead (`[1, 1, V]`, also
+    kept in `self.raw`), so that the caller sees what the model's forward made of it.
     """
 
     def __init__(self, head: nn.Module, positions: Tensor, labels: Tensor, chunk_size: int,
-                 softcap: float | None, with_wpo: bool):
+                 transform: LogitTransform, with_wpo: bool, probe: bool = False):
         super().__init__()
         object.__setattr__(self, "head", head)  # not a submodule: the model's parameters stay as they are
         self.positions, self.labels, self.chunk_size = positions, labels, chunk_size
-        self.softcap, self.with_wpo, self.result = softcap, with_wpo, None
+        self.transform, self.with_wpo, self.probe, self.result, self.raw = transform, with_wpo, probe, None, None
 
     def forward(self, hidden: Tensor) -> Tensor:
         selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, self.positions)
@@ -165,7 +201,7 @@ class _ChunkedHead(nn.Module):
         parts = []
         for start in range(0, selected.shape[0], self.chunk_size):
             args = (self.head, selected[start:start + self.chunk_size],
-                    self.labels[start:start + self.chunk_size], self.softcap, self.with_wpo)
+                    self.labels[start:start + self.chunk_size], self.transform, self.with_wpo)
             parts.append(checkpoint(_token_stats, *args, use_reentrant=False) if recompute else _token_stats(*args))
         if not parts:
             empty = hidden.new_zeros(0, dtype=torch.float32)
@@ -174,7 +210,34 @@ class _ChunkedHead(nn.Module):
         self.result = (torch.cat(logp), torch.cat(mean), torch.cat(sq) if self.with_wpo else None)
         # Empty "logits" that still depend on the head: DDP(find_unused_parameters=True) walks the graph from
         # the forward's outputs, and must find the head's parameters used.
-        return hidden[..., :0] + 0 * self.result[0].sum().to(hidden.dtype)
+        out = hidden[..., :0]
+        if self.probe and selected.shape[0]:
+            with torch.no_grad():
+                self.raw = self.head(selected[:1])
+            out = self.raw.unsqueeze(0)
+        return out + 0 * self.result[0].sum().to(out.dtype)
+
+
+# Models whose post-head transform has been checked against their own forward's output (once per model).
+_CHECKED_HEADS: weakref.WeakSet = weakref.WeakSet()
+
+
+def _check_transform(base: nn.Module, transform: LogitTransform, raw: Tensor | None, returned: Tensor | None):
+    """Raises unless the model's forward turned the head's raw output into `transform(raw)`: a model that
+    changes its logits in some other way would otherwise get silently wrong log-probs from the chunked head."""
+    if raw is None:
+        return
+    got = None if returned is None else returned.detach().float().reshape(-1)
+    want = transform(raw.float()).reshape(-1)
+    tol = 1e-5 if raw.dtype == torch.float32 else 2e-2
+    if got is None or got.shape != want.shape or not torch.allclose(
+            got, want, rtol=tol, atol=tol * float(want.abs().max().clamp_min(1e-30))):
+        diff = "shape differs" if got is None or got.shape != want.shape else \
+            f"max |difference| {(got - want).abs().max().item():.3g} of max |logit| {want.abs().max().item():.3g}"
+        raise ValueError(
+            f"{type(base).__name__}'s forward changes the logits after its output embeddings in a way the chunked "
+            f"log-probs do not reproduce ({transform}; {diff}): set --logps_chunk_size 0 (full logits)")
+    _CHECKED_HEADS.add(base)
 
 
 def completion_token_stats(model, inputs: dict, positions: Tensor, labels: Tensor, *,
@@ -203,16 +266,19 @@ def completion_token_stats(model, inputs: dict, positions: Tensor, labels: Tenso
         return logp[0], mean[0], (sq[0] if with_wpo else None)
     base = unwrap_model(model)
     parent, attr, head = _output_head(base)
-    softcap = getattr(base.config, "final_logit_softcapping", None)
-    chunked = _ChunkedHead(head, positions, labels, chunk_size, softcap, with_wpo)
+    transform = logit_transform(base.config)
+    probe = base not in _CHECKED_HEADS  # the first call: compare `transform` with what the forward does
+    chunked = _ChunkedHead(head, positions, labels, chunk_size, transform, with_wpo, probe=probe)
     setattr(parent, attr, chunked)
     try:
-        model(**inputs)
+        output = model(**inputs)
     finally:
         setattr(parent, attr, head)
     if chunked.result is None:
         raise RuntimeError(f"{type(base).__name__}'s forward did not call its output embeddings module; "
                            "set --logps_chunk_size 0")
+    if probe:
+        _check_transform(base, transform, chunked.raw, getattr(output, "logits", None))
     return chunked.result
 
 
@@ -293,6 +359,22 @@ def padding_free_forward(model, batch: dict[str, Tensor], *, ld_alpha: float | N
     `position_ids` (`masking_utils.find_packed_sequence_indices`) and gives SDPA/eager/flex a block-diagonal
     causal mask per row; flash-attn gets the varlen boundaries `cu_seq_lens_*` of the one-row layout.
     """
+    stats = _padding_free_stats(model, batch, chunk_size=chunk_size, wpo=wpo)
+    if _needs_layout_check(model, "padding_free"):
+        # Checked on a one-row batch of this batch's first pair, where the rejected sequence follows the chosen
+        # one in the row (this batch may have packed nothing).
+        from .data import collate_padding_free
+
+        pair = _first_pair(batch)
+        one_row = {k: v.to(batch["input_ids"].device) for k, v in
+                   collate_padding_free([pair], pad_token_id=0, one_row=True).items()}
+        with torch.no_grad():
+            per_token = _padding_free_stats(unwrap_model(model), one_row, chunk_size=chunk_size, wpo=False)[0]
+        check_packed_layout(model, one_row, per_token, "padding_free")
+    return assemble_output(*stats, batch["logp_sequence"], 2 * batch["ids"].numel(), ld_alpha=ld_alpha, wpo=wpo)
+
+
+def _padding_free_stats(model, batch: dict[str, Tensor], *, chunk_size: int, wpo: bool):
     inputs = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
     if "flash" in attn_implementation(model):
         if "cu_seq_lens" not in batch:
@@ -301,39 +383,78 @@ def padding_free_forward(model, batch: dict[str, Tensor], *, ld_alpha: float | N
         cu = batch["cu_seq_lens"].to(torch.int32)
         inputs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=int(batch["max_seq_len"]),
                       max_length_k=int(batch["max_seq_len"]))
-    stats = completion_token_stats(model, inputs, batch["logp_positions"], batch["logp_labels"],
-                                   chunk_size=chunk_size, with_wpo=wpo)
-    return assemble_output(*stats, batch["logp_sequence"], 2 * batch["ids"].numel(), ld_alpha=ld_alpha, wpo=wpo)
+    return completion_token_stats(model, inputs, batch["logp_positions"], batch["logp_labels"],
+                                  chunk_size=chunk_size, with_wpo=wpo)
 
 
-def shared_prefix_mask_mod(pair: Tensor, segment: Tensor):
-    """FlexAttention `mask_mod` of shared-prefix rows: causal within a pair; rejected tokens do not see chosen ones.
+def _first_pair(batch: dict[str, Tensor]):
+    """The first pair of a packed batch as an `Example` (prompt from the chosen sequence's row, completions from
+    the scored labels)."""
+    from .data import Example
 
-    `pair`/`segment` are `[R, L]` (pair index, -1 for padding; 0 prompt, 1 chosen, 2 rejected).
+    flat_ids, flat_pos = batch["input_ids"].reshape(-1), batch["position_ids"].reshape(-1)
+    completions = []
+    for seq in (0, batch["ids"].numel()):
+        completions.append(batch["logp_labels"][batch["logp_sequence"] == seq].tolist())
+    first = int(batch["logp_positions"][0])  # sequence 0's first scored position: the last prompt token
+    prompt = flat_ids[first - int(flat_pos[first]):first + 1].tolist()
+    return Example(int(batch["ids"][0]), prompt, *completions)
+
+
+def shared_prefix_mask_mod(pair: Tensor, segment: Tensor, position: Tensor | None = None,
+                           window: int | None = None):
+    """FlexAttention `mask_mod` of shared-prefix rows: causal within a pair; rejected tokens do not see chosen ones;
+    with `window` (sliding-window layers), only keys fewer than `window` positions back.
+
+    `pair`/`segment`/`position` are `[R, L]` (pair index, -1 for padding; 0 prompt, 1 chosen, 2 rejected;
+    position ids).
     """
     def mask_mod(b, h, q, kv):
         same = pair[b, q] == pair[b, kv]
-        return same & (kv <= q) & ~((segment[b, q] == 2) & (segment[b, kv] == 1))
+        allowed = same & (kv <= q) & ~((segment[b, q] == 2) & (segment[b, kv] == 1))
+        if window is not None:
+            allowed = allowed & (position[b, q] - position[b, kv] < window)
+        return allowed
 
     return mask_mod
 
 
-def shared_prefix_attention_mask(batch: dict[str, Tensor], implementation: str, dtype: torch.dtype):
+def attention_layer_windows(config) -> dict[str | None, int | None]:
+    """`{layer type: sliding window or None}` of a decoder: `{None: w}` for one mask for all layers (w None when
+    no layer slides; Mistral-style models slide everywhere), or one entry per `config.layer_types` type, for
+    models that take a mask per layer type (Gemma-2/3, Qwen-2/3 with sliding layers...)."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if not types:
+        return {None: window if isinstance(window, int) else None}
+    unknown = set(types) - {"full_attention", "sliding_attention"}
+    if unknown:
+        raise ValueError(f"forward_mode shared_prefix: layer types {sorted(unknown)} of {type(config).__name__} take "
+                         "masks this mode cannot build; use --forward_mode concat or padding_free")
+    return {t: (window if t == "sliding_attention" else None) for t in set(types)}
+
+
+def shared_prefix_attention_mask(batch: dict[str, Tensor], implementation: str, dtype: torch.dtype,
+                                 window: int | None = None):
     """The shared-prefix mask in the form the attention implementation takes: a BlockMask (flex_attention),
-    a boolean `[R, 1, L, L]` mask (sdpa: True attends) or an additive float one (eager)."""
-    pair, segment = batch["pair_index"], batch["segment"]
+    a boolean `[R, 1, L, L]` mask (sdpa: True attends) or an additive float one (eager). `window`: a sliding
+    window over position ids (what transformers' `sliding_window_overlay` does over indices)."""
+    pair, segment, position = batch["pair_index"], batch["segment"], batch["position_ids"]
     rows, length = pair.shape
     if implementation == "flex_attention":
         from torch.nn.attention.flex_attention import create_block_mask
 
-        return create_block_mask(shared_prefix_mask_mod(pair, segment), B=rows, H=None, Q_LEN=length,
-                                 KV_LEN=length, device=pair.device)
+        return create_block_mask(shared_prefix_mask_mod(pair, segment, position, window), B=rows, H=None,
+                                 Q_LEN=length, KV_LEN=length, device=pair.device)
     if "flash" in implementation:
         raise ValueError("forward_mode shared_prefix needs a custom attention mask, which flash-attn cannot take; "
                          "use --attn_implementation sdpa or flex_attention (or another --forward_mode)")
     q = torch.arange(length, device=pair.device)
     allowed = (pair[:, :, None] == pair[:, None, :]) & (q[None, None, :] <= q[None, :, None])
     allowed &= ~((segment[:, :, None] == 2) & (segment[:, None, :] == 1))
+    if window is not None:
+        allowed &= (position[:, :, None] - position[:, None, :]) < window
     allowed = allowed.unsqueeze(1)
     if implementation == "eager":
         return torch.zeros(allowed.shape, dtype=dtype, device=pair.device).masked_fill(~allowed, torch.finfo(dtype).min)
@@ -347,15 +468,83 @@ def shared_prefix_forward(model, batch: dict[str, Tensor], *, ld_alpha: float | 
     The prompt runs once per pair. Rejected tokens see the prompt and themselves but not the chosen tokens, and
     their positions continue from the prompt length, so each rejected token computes exactly what it computes
     in a prompt+rejected row (arXiv 2410.20305). The first chosen AND the first rejected token are both
-    predicted by the last prompt position: `logp_positions` holds it twice.
+    predicted by the last prompt position: `logp_positions` holds it twice. Models with sliding-window layers
+    get the window on top (a mask per layer type where the model takes one).
     """
     base = unwrap_model(model)
-    mask = shared_prefix_attention_mask(batch, attn_implementation(model), next(base.parameters()).dtype)
-    inputs = dict(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"],
-                  use_cache=False)
-    stats = completion_token_stats(model, inputs, batch["logp_positions"], batch["logp_labels"],
-                                   chunk_size=chunk_size, with_wpo=wpo)
+    implementation, dtype = attn_implementation(model), next(base.parameters()).dtype
+    masks = {layer_type: shared_prefix_attention_mask(batch, implementation, dtype, window)
+             for layer_type, window in attention_layer_windows(base.config).items()}
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=masks[None] if None in masks else masks,
+                  position_ids=batch["position_ids"], use_cache=False)
+    try:
+        stats = completion_token_stats(model, inputs, batch["logp_positions"], batch["logp_labels"],
+                                       chunk_size=chunk_size, with_wpo=wpo)
+    except (ValueError, RuntimeError, TypeError) as e:
+        if "shared_prefix" in _CHECKED_LAYOUTS.get(base, ()):
+            raise
+        raise ValueError(f"forward_mode shared_prefix: {type(base).__name__} ({implementation}) failed with the "
+                         f"4-D shared-prefix attention mask ({type(e).__name__}: {e}); use --forward_mode concat") from e
+    check_packed_layout(model, batch, stats[0], "shared_prefix")
     return assemble_output(*stats, batch["logp_sequence"], 2 * batch["ids"].numel(), ld_alpha=ld_alpha, wpo=wpo)
+
+
+# (model, layout) pairs whose packed log-probs were checked against a plain one-sequence forward (once each).
+_CHECKED_LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def check_packed_layout(model, batch: dict[str, Tensor], per_token: Tensor, mode: str) -> None:
+    """Once per model and layout: the first rejected sequence of `batch` and the one that starts furthest into its
+    row, run alone as plain causal sequences (no mask, no packing), must give the per-token log-probs the packed
+    forward gave. (`padding_free_forward` checks a one-row batch of its first pair.)
+
+    A model whose attention does not follow the layout (positions from the mask instead of `position_ids`, as
+    ALiBi models do; attention patterns transformers builds per model) would otherwise train on silently
+    wrong log-probs. Tolerance: 1e-4 per token in float32, 0.5 + 2% on the sequence's sum in lower precision.
+    Skipped while dropout is active (two forwards differ anyway).
+    """
+    if not _needs_layout_check(model, mode):
+        return
+    base = unwrap_model(model)
+    flat_ids, flat_pos = batch["input_ids"].reshape(-1), batch["position_ids"].reshape(-1)
+    width = batch["input_ids"].shape[-1]
+    per_token = per_token.detach().float()
+    float32 = next(base.parameters()).dtype == torch.float32
+    # Each sequence's first scored position, and where the sequence starts in the flat layout.
+    sequences = batch["logp_sequence"].tolist()
+    first_index = {}
+    for i, seq in enumerate(sequences):
+        first_index.setdefault(seq, i)
+    starts = {seq: int(batch["logp_positions"][i]) - int(flat_pos[batch["logp_positions"][i]])
+              for seq, i in first_index.items()}
+    # The first rejected sequence (after its chosen one in shared_prefix rows), and the sequence that starts
+    # furthest into its row (the one most exposed to whatever precedes it in the row).
+    packed = max(starts, key=lambda seq: starts[seq] % width)
+    for seq in dict.fromkeys(x for x in (batch["ids"].numel(), packed) if x in starts):
+        selected = (batch["logp_sequence"] == seq).nonzero().squeeze(-1)
+        labels = batch["logp_labels"][selected]
+        first, start = int(batch["logp_positions"][selected[0]]), starts[seq]
+        ids = torch.cat([flat_ids[start:first + 1], labels]).unsqueeze(0)
+        with torch.no_grad():
+            logits = base(input_ids=ids, use_cache=False).logits[0, first - start:-1].float()
+        want = logits.log_softmax(-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        got = per_token[selected]
+        bad = (got - want).abs().max().item() > 1e-4 if float32 else \
+            (got.sum() - want.sum()).abs().item() > 0.5 + 0.02 * want.sum().abs().item()
+        if bad:
+            raise ValueError(
+                f"forward_mode {mode}: {type(base).__name__} ({attn_implementation(model)}) gives packed log-probs "
+                f"that differ from a plain forward of the same sequence (max |difference| per token "
+                f"{(got - want).abs().max().item():.3g}): this model's attention does not follow the packed "
+                "layout; use --forward_mode concat")
+    _CHECKED_LAYOUTS.setdefault(base, set()).add(mode)
+
+
+def _needs_layout_check(model, mode: str) -> bool:
+    base = unwrap_model(model)
+    if mode in _CHECKED_LAYOUTS.get(base, ()):
+        return False
+    return not any(isinstance(m, nn.Dropout) and m.p > 0 and m.training for m in base.modules())
 
 
 FORWARDS = {"concat": concatenated_forward, "padding_free": padding_free_forward,

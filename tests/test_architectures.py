@@ -1,0 +1,89 @@
+"""Every forward mode on decoder families other than Llama, against the plain path (full logits, one padded
+row per sequence): logit scaling after lm_head (Cohere, Granite), final-logit softcapping and sliding-window
+layers (Gemma-2, Mistral), and models whose attention does not follow a packed layout (ALiBi: Bloom, MPT),
+which must get a clear error instead of silently wrong log-probs.
+
+Tolerance: float32, atol 1e-5 on per-sequence sums (the same as tests/test_logps.py).
+"""
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from dpo_core.data import COLLATORS, Example, collate_concat
+from dpo_core.logps import FORWARDS, concatenated_forward, logit_transform, make_collator
+
+SMALL = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0)
+
+
+def make_model(model_type, attn="eager", **overrides):
+    config = AutoConfig.for_model(model_type, **{**SMALL, **overrides})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
+    with torch.no_grad():  # weights large enough that every position's logits differ clearly
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model
+
+
+def examples(n=5, seed=1):
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(lo, hi):
+        return torch.randint(5, 290, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
+
+    # prompts of 8-19 tokens and completions of 2-8: longer than the sliding windows below
+    return [Example(i, ids(8, 20), ids(2, 9), ids(2, 9)) for i in range(n)]
+
+
+def assert_every_mode_equals_plain(model, pairs):
+    with torch.no_grad():
+        ref = concatenated_forward(model, collate_concat(pairs, 0), chunk_size=0)
+        for mode in FORWARDS:
+            out = FORWARDS[mode](model, make_collator(mode, 0, model)(pairs), chunk_size=4)
+            torch.testing.assert_close(out.chosen_logps, ref.chosen_logps, atol=1e-5, rtol=1e-6, msg=mode)
+            torch.testing.assert_close(out.rejected_logps, ref.rejected_logps, atol=1e-5, rtol=1e-6, msg=mode)
+
+
+@pytest.mark.parametrize("model_type,overrides,scale", [
+    ("cohere", {"logit_scale": 0.25}, 0.25),  # logits * logit_scale after lm_head
+    ("granite", {"logits_scaling": 8.0}, 1 / 8),  # logits / logits_scaling
+])
+def test_logit_scaling_after_the_head(model_type, overrides, scale):
+    model = make_model(model_type, **overrides)
+    assert logit_transform(model.config).scale == pytest.approx(scale)
+    assert_every_mode_equals_plain(model, examples())
+
+
+@pytest.mark.parametrize("model_type,overrides", [
+    ("gemma2", {"head_dim": 16, "sliding_window": 6, "final_logit_softcapping": 5.0}),  # sliding + full layers
+    ("mistral", {"sliding_window": 6}),  # every layer slides
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 6, "max_window_layers": 1}),
+])
+def test_sliding_window_layers_in_every_mode(model_type, overrides):
+    model = make_model(model_type, **overrides)
+    assert_every_mode_equals_plain(model, examples())
+
+
+def test_an_unknown_change_of_the_logits_is_an_error():
+    """A config field the forward does not read: the chunked head's transform disagrees with the model's own
+    output on the first call, which raises instead of training on wrong log-probs."""
+    model = make_model("llama")
+    model.config.logits_scaling = 4.0  # Granite's field; Llama's forward ignores it
+    with pytest.raises(ValueError, match="logps_chunk_size 0"):
+        concatenated_forward(model, collate_concat(examples(), 0), chunk_size=4)
+
+
+def test_alibi_models_are_refused_by_the_packed_layouts():
+    """Bloom's ALiBi biases come from the attention mask, not from position ids: one packed row mixes its
+    sequences. The first packed batch is checked against plain forwards and raises."""
+    bloom = make_model("bloom", n_layer=2, n_head=4)
+    pairs = examples(3)
+    with pytest.raises(ValueError, match="does not follow the packed layout"):
+        FORWARDS["padding_free"](bloom, COLLATORS["padding_free"](pairs, 0, one_row=True))
+    with pytest.raises(ValueError, match="use --forward_mode concat"):
+        FORWARDS["shared_prefix"](bloom, COLLATORS["shared_prefix"](pairs, 0))
+    mpt = make_model("mpt", d_model=64, n_heads=4, n_layers=2)
+    with pytest.raises(ValueError, match="does not follow the packed layout"):
+        FORWARDS["shared_prefix"](mpt, COLLATORS["shared_prefix"](pairs, 0))
