@@ -409,13 +409,8 @@ def collate_padding_free(examples: list[Example], pad_token_id: int, pad_to_mult
     """
     rows = [(e.prompt_ids, e.chosen_ids) for e in examples] + [(e.prompt_ids, e.rejected_ids) for e in examples]
     lengths = [len(p) + len(c) for p, c in rows]
-    if one_row:
-        width, packing = sum(lengths), [list(range(len(rows)))]
-    else:
-        width = max(lengths)
-        if pad_to_multiple_of:
-            width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
-        packing = _pack_rows(lengths, width)
+    width, packing = (sum(lengths), [list(range(len(rows)))]) if one_row else \
+        _pack_rows(lengths, pad_to_multiple_of)
     input_ids = torch.full((len(packing), width), pad_token_id, dtype=torch.long)
     position_ids = torch.zeros((len(packing), width), dtype=torch.long)
     starts = [None] * len(rows)
@@ -438,19 +433,23 @@ def collate_padding_free(examples: list[Example], pad_token_id: int, pad_to_mult
     return batch
 
 
-def _pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
-    """First-fit decreasing: item indices grouped into rows whose lengths sum to at most `capacity`."""
+def _pack_rows(lengths: list[int], pad_to_multiple_of: int | None = None) -> tuple[int, list[list[int]]]:
+    """Rows as long as the longest item (rounded up to `pad_to_multiple_of`), and the item indices of each row,
+    grouped first-fit decreasing so that each row's lengths sum to at most that width."""
+    width = max(lengths)
+    if pad_to_multiple_of:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
     rows: list[list[int]] = []
     room: list[int] = []
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
         slot = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
         if slot is None:
             rows.append([])
-            room.append(capacity)
+            room.append(width)
             slot = len(rows) - 1
         rows[slot].append(i)
         room[slot] -= lengths[i]
-    return rows
+    return width, rows
 
 
 def collate_shared_prefix(examples: list[Example], pad_token_id: int, pad_to_multiple_of: int | None = None
@@ -468,10 +467,7 @@ def collate_shared_prefix(examples: list[Example], pad_token_id: int, pad_to_mul
         logical prompt+completion sequences, as in every layout), num_positions (R * L).
     """
     sizes = [len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in examples]
-    width = max(sizes)
-    if pad_to_multiple_of:
-        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
-    packing = _pack_rows(sizes, width)
+    width, packing = _pack_rows(sizes, pad_to_multiple_of)
     input_ids = torch.full((len(packing), width), pad_token_id, dtype=torch.long)
     position_ids = torch.zeros((len(packing), width), dtype=torch.long)
     pair_index = torch.full((len(packing), width), -1, dtype=torch.long)
