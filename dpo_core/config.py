@@ -243,7 +243,8 @@ class TrainArguments:
     logps_chunk_size: int = field(
         default=1024,
         metadata={"help": "Completion tokens per chunk of the float32 log-softmax over the vocabulary, recomputed "
-                  "in backward: the [2B, T, V] logits never exist at once. 0: the model's full logits."})
+                  "in backward: the [2B, T, V] logits never exist at once (and a chunk never holds more than 2^24 "
+                  "logits: 512 tokens at a 32k vocabulary, 128 at 128k). 0: the model's full logits."})
     log_example_ids: bool = field(
         default=False,
         metadata={"help": "Audit the data order: append each micro-batch's example ids (per rank, with step, epoch "

@@ -29,6 +29,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 DEFAULT_CHUNK_SIZE = 1024
+# At most this many logits per chunk (64 MiB in float32): at a 32k vocabulary a chunk holds 512 positions, at
+# 128k 128; the chunk's log-softmax and its backward keep a few tensors of this size alive.
+MAX_CHUNK_LOGITS = 2 ** 24
 
 
 @dataclass
@@ -267,6 +270,10 @@ def completion_token_stats(model, inputs: dict, positions: Tensor, labels: Tenso
     base = unwrap_model(model)
     parent, attr, head = _output_head(base)
     transform = logit_transform(base.config)
+    text_config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    vocab = getattr(text_config, "vocab_size", None)
+    if vocab:
+        chunk_size = min(chunk_size, max(16, MAX_CHUNK_LOGITS // vocab))
     probe = base not in _CHECKED_HEADS  # the first call: compare `transform` with what the forward does
     chunked = _ChunkedHead(head, positions, labels, chunk_size, transform, with_wpo, probe=probe)
     setattr(parent, attr, chunked)
