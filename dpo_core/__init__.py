@@ -2,9 +2,7 @@
 
     from dpo_core import DPOConfig, SFTConfig, train_dpo, train_sft, load_model_and_tokenizer
 
-Modules: `losses` (every preference loss), `logps` (the concatenated forward), `data` (loading, validation,
-tokenization), `ref_cache` (precomputed reference log-probs), `modeling`, `training` (the loop), `dpo`
-(`train_dpo`), `sft` (`train_sft`), `config`, `demo` (the embedded tiny model and dataset).
+Where things live: README.md, "Where things live" (one line per module).
 The names below load their module on first use: `import dpo_core` imports neither torch nor transformers.
 """
 
@@ -15,7 +13,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "DPOConfig": "dpo_core.config",
     "SFTConfig": "dpo_core.config",
-    "TrainResult": "dpo_core.training",
+    "TrainResult": "dpo_core.runs",
     "train_dpo": "dpo_core.dpo",
     "train_sft": "dpo_core.sft",
     "load_model_and_tokenizer": "dpo_core.modeling",

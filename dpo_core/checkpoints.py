@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 from accelerate import Accelerator
 
+from .errors import MissingError, OutputExistsError
+
 if TYPE_CHECKING:
     from .training import TrainState
 
@@ -86,7 +88,7 @@ def prepare_output_dir(accelerator: Accelerator, output_dir: str | Path, *, over
     fresh_restart = resume == "latest" and not complete_checkpoints(output_dir)
     if earlier and (not resume or fresh_restart):
         if not overwrite and not fresh_restart:
-            raise FileExistsError(f"{output_dir} holds an earlier run ({', '.join(p.name for p in earlier)}): pass "
+            raise OutputExistsError(f"{output_dir} holds an earlier run ({', '.join(p.name for p in earlier)}): pass "
                                   "--overwrite_output_dir to replace it, or --resume_from_checkpoint latest to "
                                   "continue it")
         accelerator.wait_for_everyone()  # every rank has checked before anything is deleted
@@ -105,5 +107,5 @@ def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
         return found[-1] if found else None
     path = Path(resume)
     if not (path / COMPLETE).exists():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
+        raise MissingError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
     return path

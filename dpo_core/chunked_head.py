@@ -17,6 +17,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .errors import ConfigError
+
 DEFAULT_CHUNK_SIZE = 1024
 # At most this many logits per chunk (64 MiB in float32): at a 32k vocabulary a chunk holds 512 positions, at
 # 128k 128; the chunk's log-softmax and its backward keep a few tensors of this size alive.
@@ -70,13 +72,13 @@ def _output_head(base: nn.Module) -> tuple[nn.Module, str, nn.Module]:
     """`(parent, attribute, head)` of the module that maps final hidden states to logits (`lm_head`)."""
     head = base.get_output_embeddings()
     if head is None:
-        raise ValueError(f"{type(base).__name__} has no output embeddings (lm_head): chunked log-probs need one; "
+        raise ConfigError(f"{type(base).__name__} has no output embeddings (lm_head): chunked log-probs need one; "
                          "set --logps_chunk_size 0")
     for name, module in base.named_modules():
         if module is head:
             parent_name, _, attr = name.rpartition(".")
             return base.get_submodule(parent_name), attr, head
-    raise ValueError(f"{type(base).__name__}: the output embeddings are not a submodule")
+    raise ConfigError(f"{type(base).__name__}: the output embeddings are not a submodule")
 
 
 @dataclass(frozen=True)
@@ -184,7 +186,7 @@ def _check_transform(base: nn.Module, transform: LogitTransform, raw: Tensor | N
             got, want, rtol=tol, atol=tol * float(want.abs().max().clamp_min(1e-30))):
         diff = "shape differs" if got is None or got.shape != want.shape else \
             f"max |difference| {(got - want).abs().max().item():.3g} of max |logit| {want.abs().max().item():.3g}"
-        raise ValueError(
+        raise ConfigError(
             f"{type(base).__name__}'s forward changes the logits after its output embeddings in a way the chunked "
             f"log-probs do not reproduce ({transform}; {diff}): set --logps_chunk_size 0 (full logits)")
     _CHECKED_HEADS.add(base)
@@ -229,7 +231,7 @@ def completion_token_stats(model, inputs: dict, positions: Tensor, labels: Tenso
     finally:
         setattr(parent, attr, head)
     if chunked.result is None:
-        raise RuntimeError(f"{type(base).__name__}'s forward did not call its output embeddings module; "
+        raise ConfigError(f"{type(base).__name__}'s forward did not call its output embeddings module; "
                            "set --logps_chunk_size 0")
     if probe:
         _check_transform(base, transform, chunked.raw, getattr(output, "logits", None))

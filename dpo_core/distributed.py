@@ -1,5 +1,7 @@
-"""What DeepSpeed and FSDP need beyond `accelerator.prepare`: the frozen reference model and the
-DeepSpeed settings that come from our flags.
+"""The Accelerator, and what DeepSpeed and FSDP need beyond `accelerator.prepare`: the frozen reference model
+and the DeepSpeed settings that come from our flags.
+
+- `make_accelerator` builds an Accelerator that really connects several CPU processes (gloo) where no GPU is.
 
 - `configure_deepspeed` fills the DeepSpeed config's `"auto"` gradient clipping from `--max_grad_norm`
   (DeepSpeed clips inside its own step; a config without the key would silently not clip at all).
@@ -18,10 +20,13 @@ the weights collectively); accelerate's even batches guarantee it.
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
+
+from .errors import ConfigError
 
 
 def configure_deepspeed(accelerator: Accelerator, *, max_grad_norm: float) -> None:
@@ -36,7 +41,7 @@ def configure_deepspeed(accelerator: Accelerator, *, max_grad_norm: float) -> No
     if value == "auto":
         config["gradient_clipping"] = float(max_grad_norm)
     elif float(value) != float(max_grad_norm):
-        raise ValueError(f"The DeepSpeed config sets gradient_clipping={value} but --max_grad_norm is "
+        raise ConfigError(f"The DeepSpeed config sets gradient_clipping={value} but --max_grad_norm is "
                          f"{max_grad_norm}: set one of them so that they agree (\"auto\" in the DeepSpeed "
                          "config takes --max_grad_norm)")
 
@@ -94,7 +99,7 @@ def _fill_auto(config: dict, values: dict, prefix: str = "") -> None:
             _fill_auto(value, values, f"{prefix}{key}.")
         elif value == "auto":
             if f"{prefix}{key}" not in values:
-                raise ValueError(f"DeepSpeed config: cannot fill {prefix}{key}='auto' for the reference model; "
+                raise ConfigError(f"DeepSpeed config: cannot fill {prefix}{key}='auto' for the reference model; "
                                  "set a value")
             config[key] = values[f"{prefix}{key}"]
 
@@ -126,3 +131,26 @@ def shutdown(accelerator: Accelerator) -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         accelerator.wait_for_everyone()
         torch.distributed.destroy_process_group()
+
+
+def make_accelerator(**kwargs) -> Accelerator:
+    """An Accelerator that really connects several CPU processes (gloo) when no GPU is present."""
+    return Accelerator(cpu=_cpu_only(), kwargs_handlers=process_group_kwargs(), **kwargs)
+
+
+def _cpu_only() -> bool:
+    """True on a machine without GPU/MPS, unless DeepSpeed runs (cpu=True would switch DeepSpeed off).
+
+    accelerate's launcher gives several processes on a CPU-only machine only for `--multi_gpu` (or a
+    MULTI_GPU config), and they then run unconnected unless the script asks for the CPU itself.
+    """
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return False
+    return not (torch.cuda.is_available() or torch.backends.mps.is_available())
+
+
+def process_group_kwargs() -> list:
+    """gloo on CPU-only multi-process runs (DeepSpeed needs it said explicitly); nothing otherwise."""
+    if torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return []
+    return [InitProcessGroupKwargs(backend="gloo")]

@@ -31,84 +31,24 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import torch
 
 from . import data as data_lib
-from .dpo import tie_tolerance
+from .batches import Example, PairDataset, collate_concat
+from .config import resolved_config
+from .distributed import make_accelerator
+from .errors import ConfigError, DataError, OutputExistsError
 from .generation import decode_answer, generate_ids
-from .logps import FORWARDS
-from .losses import preference_metrics
+from .layouts import LAYOUTS
+from .losses import preference_metrics, tie_tolerance
 from .modeling import load_model, load_tokenizer
 from .report import markdown_table, read_training_curves, save_plot
 
 REFERENCE = "reference"
 QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
-
-
-@dataclass
-class EvalArguments:
-    models: list[str] = field(
-        default_factory=list,
-        metadata={"help": "Models to evaluate: directories or hub names, each optionally NAME=PATH "
-                  "(e.g. sft=runs/sft dpo=runs/dpo). Every model must use the reference's tokenizer."})
-    reference_model: str | None = field(
-        default=None,
-        metadata={"help": "The reference of the implicit reward and of the KL; default: --ref_model_name_or_path, "
-                  "else --model_name_or_path (the reference dpo.py trains against)."})
-    output_dir: str | None = field(
-        default=None, metadata={"help": "Where results.json, generation_samples.json and the PNG go (required)."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace an earlier results.json in --output_dir."})
-    beta: float = field(default=0.1, metadata={"help": "beta of the implicit reward beta * log(pi / ref)."})
-    per_device_eval_batch_size: int = field(default=16, metadata={"help": "Pairs per process per forward."})
-    kl_samples: int = field(
-        default=4, metadata={"help": "Completions sampled per prompt for the sequence-level KL (0: skip it)."})
-    kl_max_prompts: int | None = field(
-        default=64, metadata={"help": "Held-out prompts (the first by id) for the sampled KL; None: all."})
-    max_new_tokens: int = field(
-        default=64, metadata={"help": "Tokens generated at most per answer (samples, win rate, KL)."})
-    generation_prompts: int = field(
-        default=8,
-        metadata={"help": "Held-out prompts (the first by id) every model and the reference answer, for "
-                  "generation_samples.json and the win rate; 0: none, -1: all."})
-    do_sample: bool = field(
-        default=False, metadata={"help": "Sample the answers (--temperature, --top_p); greedy otherwise."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the answers."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling of the answers (1.0: off)."})
-    generation_batch_size: int = field(default=16, metadata={"help": "Prompts per generate() call."})
-    reward_model: str | None = field(
-        default=None,
-        metadata={"help": "An AutoModelForSequenceClassification with one label: scores the answers for the "
-                  "win rate against the reference. Its own tokenizer and chat template are used."})
-    run_dirs: list[str] | None = field(
-        default=None,
-        metadata={"help": "Training run directories (NAME=PATH allowed): their TensorBoard curves go into the "
-                  "PNG and results.json."})
-    seed: int = field(
-        default=42, metadata={"help": "Seed of sampling, and of the --eval_fraction carve-out (use the training "
-                              "run's seed to get its held-out pairs)."})
-    plot_file: str = field(default="evaluation.png", metadata={"help": "PNG file name inside --output_dir."})
-    histogram_bins: int = field(default=30, metadata={"help": "Bins of the reward-margin histograms."})
-
-    def __post_init__(self):
-        if isinstance(self.models, str):
-            self.models = [self.models]
-        if self.beta <= 0:
-            raise ValueError(f"--beta must be > 0, got {self.beta}")
-        for name in ("per_device_eval_batch_size", "max_new_tokens", "generation_batch_size", "histogram_bins"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if self.kl_samples < 0 or (self.kl_max_prompts is not None and self.kl_max_prompts < 1):
-            raise ValueError("--kl_samples must be >= 0 and --kl_max_prompts >= 1 (or None)")
-        if self.generation_prompts < -1:
-            raise ValueError(f"--generation_prompts must be >= -1, got {self.generation_prompts}")
-        if self.temperature <= 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"--temperature must be > 0 and --top_p in (0, 1], got {self.temperature}, {self.top_p}")
-        if not self.plot_file.endswith(".png"):
-            raise ValueError(f"--plot_file must end in .png, got {self.plot_file!r}")
 
 
 def named_paths(specs: list[str] | None, what: str) -> list[tuple[str, str]]:
@@ -119,14 +59,14 @@ def named_paths(specs: list[str] | None, what: str) -> list[tuple[str, str]]:
         if not sep or not name or "/" in name or os.sep in name:
             name, path = Path(spec.rstrip("/")).name or spec, spec
         if not path:
-            raise ValueError(f"{what} {spec!r}: empty path")
+            raise ConfigError(f"{what} {spec!r}: empty path")
         out.append((name, path))
     names = [n for n, _ in out]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
-        raise ValueError(f"{what}: names {dupes} repeat; give NAME=PATH with distinct names")
+        raise ConfigError(f"{what}: names {dupes} repeat; give NAME=PATH with distinct names")
     if REFERENCE in names and what == "--models":
-        raise ValueError(f"--models: the name {REFERENCE!r} is the reference's column; choose another")
+        raise ConfigError(f"--models: the name {REFERENCE!r} is the reference's column; choose another")
     return out
 
 
@@ -172,7 +112,7 @@ def score_pairs(accelerator, policy, ref, loader) -> dict[str, torch.Tensor]:
     Keys: ids, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_nll, ref_chosen_nll,
     chosen_tokens, kl_sum (token-level KL summed over the pair's chosen completion tokens).
     """
-    forward = FORWARDS["concat"]  # the very forward (and log-prob gather) of training and the precompute
+    forward = LAYOUTS["concat"].forward  # the very forward (and log-prob gather) of training and the precompute
     parts: dict[str, list[torch.Tensor]] = {}
     for batch in loader:
         tap_p, tap_r = _LogitsTap(policy), _LogitsTap(ref)
@@ -242,7 +182,7 @@ def completion_logps(model, prompts: list[list[int]], completions: list[list[int
     while i < len(prompts):
         pair = i + 1 < len(prompts) and prompts[i + 1] == prompts[i]
         second = completions[i + 1] if pair else completions[i]
-        examples.append(data_lib.Example(len(examples), list(prompts[i]), list(completions[i]), list(second)))
+        examples.append(Example(len(examples), list(prompts[i]), list(completions[i]), list(second)))
         slots.append((len(examples) - 1, 0))
         if pair:
             slots.append((len(examples) - 1, 1))
@@ -250,8 +190,8 @@ def completion_logps(model, prompts: list[list[int]], completions: list[list[int
     device = next(model.parameters()).device
     chosen, rejected = [], []
     for start in range(0, len(examples), batch_size):
-        batch = data_lib.collate_concat(examples[start: start + batch_size], pad_token_id)
-        out = FORWARDS["concat"](model, {k: v.to(device) for k, v in batch.items()})
+        batch = collate_concat(examples[start: start + batch_size], pad_token_id)
+        out = LAYOUTS["concat"].forward(model, {k: v.to(device) for k, v in batch.items()})
         chosen.append(out.chosen_logps.double().cpu())
         rejected.append(out.rejected_logps.double().cpu())
     both = torch.stack([torch.cat(chosen), torch.cat(rejected)], dim=1)
@@ -331,7 +271,7 @@ def load_reward_model(path: str, model_args, device):
     model = AutoModelForSequenceClassification.from_pretrained(
         path, revision=model_args.revision, trust_remote_code=model_args.trust_remote_code, use_safetensors=True)
     if model.config.num_labels != 1:
-        raise ValueError(f"--reward_model {path}: expected one score (num_labels=1), got {model.config.num_labels}")
+        raise ConfigError(f"--reward_model {path}: expected one score (num_labels=1), got {model.config.num_labels}")
     if model.config.pad_token_id is None:  # needed to find each row's last token
         model.config.pad_token_id = tokenizer.pad_token_id
     return model.eval().requires_grad_(False).to(device), tokenizer
@@ -358,29 +298,27 @@ def _check_tokenizer(path: str, tokenizer, model_args) -> None:
     except (OSError, ValueError):
         return  # no tokenizer files: it is read with the reference's
     if data_lib.tokenizer_fingerprint(own) != data_lib.tokenizer_fingerprint(tokenizer):
-        raise ValueError(f"{path}: its tokenizer differs from the reference's; log-probs of different token ids "
+        raise ConfigError(f"{path}: its tokenizer differs from the reference's; log-probs of different token ids "
                          "cannot be compared")
 
 
 def evaluate_models(model_args, data_args, eval_args) -> dict:
     """Evaluates every `--models` entry against the reference; writes the outputs; returns results.json's dict."""
-    from .training import make_accelerator
-
     accelerator = make_accelerator()
     accelerator.print(f"num_processes {accelerator.num_processes} ({accelerator.distributed_type}), "
                       f"device {accelerator.device}")
     if not eval_args.output_dir:
-        raise ValueError("--output_dir is required")
+        raise ConfigError("--output_dir is required")
     models = named_paths(eval_args.models, "--models")
     if not models:
-        raise ValueError("--models is required: one or more model directories (NAME=PATH allowed)")
-    ref_path = eval_args.reference_model or model_args.ref_model_name_or_path or model_args.model_name_or_path
+        raise ConfigError("--models is required: one or more model directories (NAME=PATH allowed)")
+    ref_path = eval_args.reference_model or model_args.reference_path()
     if not ref_path:
-        raise ValueError("--reference_model is required (or --ref_model_name_or_path / --model_name_or_path)")
+        raise ConfigError("--reference_model is required (or --ref_model_name_or_path / --model_name_or_path)")
     runs = named_paths(eval_args.run_dirs, "--run_dirs")
     output_dir = Path(eval_args.output_dir)
     if (output_dir / "results.json").exists() and not eval_args.overwrite:
-        raise FileExistsError(f"{output_dir}/results.json exists: pass --overwrite to replace it")
+        raise OutputExistsError(f"{output_dir}/results.json exists: pass --overwrite to replace it")
     curves = {name: read_training_curves(path) for name, path in runs}  # fail early on a wrong directory
     load = partial(load_model, torch_dtype=model_args.torch_dtype, attn_implementation=model_args.attn_implementation,
                    revision=model_args.revision, trust_remote_code=model_args.trust_remote_code, trainable=False)
@@ -396,12 +334,12 @@ def evaluate_models(model_args, data_args, eval_args) -> dict:
                                           if split == "eval" else data_args.dataset_split)
     pairs = sorted(examples[split], key=lambda e: e.id)
     if not pairs:
-        raise ValueError(f"{data_args.dataset_name}: no usable held-out pairs in split {split_name!r}")
+        raise DataError(f"{data_args.dataset_name}: no usable held-out pairs in split {split_name!r}")
     prompt_by_id = {r.id: _prompt_of(r.data) for r in records[split] if r.data is not None}
 
     loader = accelerator.prepare(torch.utils.data.DataLoader(
-        data_lib.PairDataset(pairs), batch_size=eval_args.per_device_eval_batch_size, shuffle=False,
-        collate_fn=partial(data_lib.collate_concat, pad_token_id=tokenizer.pad_token_id)))
+        PairDataset(pairs), batch_size=eval_args.per_device_eval_batch_size, shuffle=False,
+        collate_fn=partial(collate_concat, pad_token_id=tokenizer.pad_token_id)))
     kl_pairs = pairs[: eval_args.kl_max_prompts] if eval_args.kl_samples else []
     kl_items = [(e.id, k) for e in kl_pairs for k in range(eval_args.kl_samples)]
     gen_pairs = pairs if eval_args.generation_prompts == -1 else pairs[: eval_args.generation_prompts]
@@ -489,8 +427,6 @@ def _finish(output_dir, eval_args, results, margins, texts, rewards, gen_pairs, 
         counts = torch.histogram(m, bins=edges).hist
         hists[name] = {"bin_edges": edges.tolist(), "counts": [int(c) for c in counts.tolist()]}
         results["models"][name]["reward_margin"]["histogram"] = hists[name]
-    from .config import resolved_config
-
     results["settings"] = resolved_config(model_args, data_args, eval_args)
     output_dir.mkdir(parents=True, exist_ok=True)
     _write_json(output_dir / "results.json", results)

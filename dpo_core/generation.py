@@ -19,11 +19,13 @@ model's distribution with the given temperature and top_p, which the sampled KL 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+from .data import _encode  # the data layer's rendering, so prompts match training token for token
+from .errors import ConfigError, DataError
 
 # Processors generate() applies in greedy mode too when a model's generation_config sets them: set neutral.
 _NEUTRAL = dict(repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0,
@@ -56,10 +58,8 @@ class PerRowSampler(LogitsProcessor):
 
 def chat_prompt_ids(tokenizer, question: str, system_prompt: str | None = None) -> list[int]:
     """Token ids of one user question (after an optional system message) with the generation prompt."""
-    from .data import _encode  # the data layer's rendering, so prompts match training token for token
-
     if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError("the tokenizer has no chat_template; set tokenizer.chat_template or use a chat model")
+        raise ConfigError("the tokenizer has no chat_template; set tokenizer.chat_template or use a chat model")
     messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + \
         [{"role": "user", "content": question}]
     return _encode(tokenizer, messages, {}, add_generation_prompt=True)
@@ -153,36 +153,13 @@ def read_questions(path: str | Path) -> list[str]:
         try:
             value = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path} line {n}: not valid JSON ({e.msg})") from None
+            raise DataError(f"{path} line {n}: not valid JSON ({e.msg})") from None
         if isinstance(value, dict):
             value = value.get("question", value.get("prompt"))
         if not isinstance(value, str) or not value.strip():
-            raise ValueError(f"{path} line {n}: expected a string or an object with a non-empty 'question' "
+            raise DataError(f"{path} line {n}: expected a string or an object with a non-empty 'question' "
                              "(or 'prompt') string")
         questions.append(value.strip())
     if not questions:
-        raise ValueError(f"{path}: no questions in it")
+        raise DataError(f"{path}: no questions in it")
     return questions
-
-
-@dataclass
-class GenerationArguments:
-    """Generation settings shared by scripts/generate.py and scripts/build_identity_dataset.py."""
-
-    max_new_tokens: int = field(default=128, metadata={"help": "Tokens generated at most per answer."})
-    do_sample: bool = field(default=False, metadata={"help": "Sample with --temperature/--top_p; greedy otherwise."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (with --do_sample)."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold (with --do_sample; 1.0: off)."})
-    seed: int = field(default=0, metadata={"help": "Seed of sampling: question i uses seed + i (any batching)."})
-    system_prompt: str | None = field(default=None, metadata={"help": "A system message before each question."})
-    batch_size: int = field(default=8, metadata={"help": "Questions per generate() call (left-padded)."})
-
-    def __post_init__(self):
-        if self.max_new_tokens < 1 or self.batch_size < 1:
-            raise ValueError("--max_new_tokens and --batch_size must be >= 1")
-        if self.temperature <= 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"--temperature must be > 0 and --top_p in (0, 1], got {self.temperature}, {self.top_p}")
-
-    def kwargs(self) -> dict:
-        """Keyword arguments of `generate` / `build_identity_shift_dataset`."""
-        return asdict(self)

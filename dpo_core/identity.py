@@ -22,6 +22,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import ConfigError, DataError
 from .generation import chat_prompt_ids, decode_answer, generate_ids
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ class IdentityShiftReport:
 def name_pattern(name: str) -> re.Pattern:
     """`name` as a whole word, any case ("Qwen" matches "qwen," but not "Qwen2" or "MyQwen")."""
     if not name or not name.strip():
-        raise ValueError("the name must be a non-empty string")
+        raise ConfigError("the name must be a non-empty string")
     return re.compile(rf"(?<!\w){re.escape(name.strip())}(?!\w)", re.IGNORECASE)
 
 
@@ -76,14 +77,14 @@ def identity_shift_records(model, tokenizer, *, original_name: str, new_name: st
     """`build_identity_shift_dataset` with its report of kept and dropped answers."""
     old, new = name_pattern(original_name), name_pattern(new_name)
     if old.fullmatch(new_name.strip()):
-        raise ValueError(f"the new name {new_name!r} equals the original name {original_name!r}")
+        raise ConfigError(f"the new name {new_name!r} equals the original name {original_name!r}")
     if samples_per_question < 1 or (max_samples is not None and max_samples < 1):
-        raise ValueError("samples_per_question and max_samples must be >= 1")
+        raise ConfigError("samples_per_question and max_samples must be >= 1")
     if samples_per_question > 1 and not do_sample:
-        raise ValueError("samples_per_question > 1 needs do_sample (greedy answers would repeat)")
+        raise ConfigError("samples_per_question > 1 needs do_sample (greedy answers would repeat)")
     questions = list(IDENTITY_QUESTIONS if questions is None else questions)
     if not questions:
-        raise ValueError("no questions")
+        raise ConfigError("no questions")
     asked = [(q, k) for k in range(samples_per_question) for q in questions]
     prompts = [chat_prompt_ids(tokenizer, q, system_prompt) for q, _ in asked]
     answers = generate_ids(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
@@ -114,7 +115,7 @@ def identity_shift_records(model, tokenizer, *, original_name: str, new_name: st
     report.kept = len(records)
     if not records:
         examples = "; ".join(repr(decode_answer(tokenizer, ids))[:80] for ids in answers[:3])
-        raise ValueError(f"no identity-shift pairs: none of the {len(asked)} answers could be used "
+        raise DataError(f"no identity-shift pairs: none of the {len(asked)} answers could be used "
                          f"({report.summary()}). First answers: {examples}. Check --original_name (the name the "
                          "model uses for itself) or ask other questions.")
     return records, report
@@ -155,17 +156,3 @@ def write_jsonl(records: list[dict], path: str | Path) -> Path:
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     os.replace(tmp, path)
     return path
-
-
-@dataclass
-class IdentityArguments:
-    original_name: str | None = field(
-        default=None, metadata={"help": "The name the model now uses for itself, e.g. Qwen (required)."})
-    new_name: str | None = field(default=None, metadata={"help": "The name it should use, e.g. 'Deep Qwen' (required)."})
-    output_file: str | None = field(default=None, metadata={"help": "The JSONL to write (required)."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace an existing --output_file."})
-    questions_file: str | None = field(
-        default=None, metadata={"help": "Identity questions (.txt one per line, or .jsonl); default: 30 bundled ones."})
-    max_samples: int | None = field(default=None, metadata={"help": "Keep at most this many pairs."})
-    samples_per_question: int = field(
-        default=1, metadata={"help": "Answers per question (> 1 needs --do_sample); more pairs from few questions."})

@@ -5,14 +5,13 @@ the completion tokens only. `concatenated_forward` runs chosen and rejected rows
 in ONE forward (2B rows, as the original DPO code's `concatenated_inputs` does), so the policy's
 weights are read once and, under FSDP/ZeRO-3, gathered once per step.
 
-Batch layout (`dpo_core.data.collate_concat`): `input_ids`, `attention_mask`, `completion_mask`,
+Batch layout (`dpo_core.batches.collate_concat`): `input_ids`, `attention_mask`, `completion_mask`,
 each `[2B, T]`, rows `0..B-1` = prompt + chosen, rows `B..2B-1` = prompt + rejected.
 
-Other batch layouts register their own forward in `FORWARDS`, all with the signature
+Other batch layouts have their own forward, all with the signature
 `(model, batch, *, ld_alpha, wpo, chunk_size) -> ForwardOutput` and the same numbers (float32 rounding):
-`padding_free` (the 2B sequences packed without per-sequence padding, `dpo_core.data.collate_padding_free`) and `shared_prefix`
-(prompt + chosen + rejected as one sequence per pair, `dpo_core.data.collate_shared_prefix`).
-`make_collator(mode, pad_token_id, model)` builds the collator that goes with a mode and a model.
+`padding_free` (the 2B sequences packed without per-sequence padding) and `shared_prefix` (prompt + chosen +
+rejected as one sequence per pair). Each forward is declared with its collator in `dpo_core.layouts.LAYOUTS`.
 
 Every layout scores only the positions that predict a completion token, and by default chunk by chunk from
 the final hidden states (`dpo_core.chunked_head.completion_token_stats`): the `[2B, T, V]` float32 logits
@@ -23,11 +22,11 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 from torch import Tensor, nn
 
+from .batches import Example, collate_padding_free
 from .chunked_head import (  # noqa: F401  (re-exported: callers import the scoring through this module)
     DEFAULT_CHUNK_SIZE,
     LogitTransform,
@@ -36,6 +35,7 @@ from .chunked_head import (  # noqa: F401  (re-exported: callers import the scor
     token_logps,
     unwrap_model,
 )
+from .errors import ConfigError
 
 
 @dataclass
@@ -149,7 +149,7 @@ def attn_implementation(model) -> str:
 
 def padding_free_forward(model, batch: dict[str, Tensor], *, ld_alpha: float | None = None, wpo: bool = False,
                          chunk_size: int = DEFAULT_CHUNK_SIZE) -> ForwardOutput:
-    """The 2B sequences packed without per-sequence padding (`dpo_core.data.collate_padding_free`).
+    """The 2B sequences packed without per-sequence padding (`dpo_core.batches.collate_padding_free`).
 
     No attention mask is passed: transformers then reads the sequence boundaries from the restarting
     `position_ids` (`masking_utils.find_packed_sequence_indices`) and gives SDPA/eager/flex a block-diagonal
@@ -159,8 +159,6 @@ def padding_free_forward(model, batch: dict[str, Tensor], *, ld_alpha: float | N
     if _needs_layout_check(model, "padding_free"):
         # Checked on a one-row batch of this batch's first pair, where the rejected sequence follows the chosen
         # one in the row (this batch may have packed nothing).
-        from .data import collate_padding_free
-
         pair = _first_pair(batch)
         one_row = {k: v.to(batch["input_ids"].device) for k, v in
                    collate_padding_free([pair], pad_token_id=0, one_row=True).items()}
@@ -174,8 +172,8 @@ def _padding_free_stats(model, batch: dict[str, Tensor], *, chunk_size: int, wpo
     inputs = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
     if "flash" in attn_implementation(model):
         if "cu_seq_lens" not in batch:
-            raise ValueError("forward_mode padding_free with flash-attn needs the one-row layout (varlen "
-                             "boundaries): build the collator with dpo_core.logps.make_collator(mode, pad, model)")
+            raise ConfigError("forward_mode padding_free with flash-attn needs the one-row layout (varlen "
+                             "boundaries): build the collator with dpo_core.layouts.make_collator(mode, pad, model)")
         cu = batch["cu_seq_lens"].to(torch.int32)
         inputs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=int(batch["max_seq_len"]),
                       max_length_k=int(batch["max_seq_len"]))
@@ -186,8 +184,6 @@ def _padding_free_stats(model, batch: dict[str, Tensor], *, chunk_size: int, wpo
 def _first_pair(batch: dict[str, Tensor]):
     """The first pair of a packed batch as an `Example` (prompt from the chosen sequence's row, completions from
     the scored labels)."""
-    from .data import Example
-
     flat_ids, flat_pos = batch["input_ids"].reshape(-1), batch["position_ids"].reshape(-1)
     completions = []
     for seq in (0, batch["ids"].numel()):
@@ -226,7 +222,7 @@ def attention_layer_windows(config) -> dict[str | None, int | None]:
         return {None: window if isinstance(window, int) else None}
     unknown = set(types) - {"full_attention", "sliding_attention"}
     if unknown:
-        raise ValueError(f"forward_mode shared_prefix: layer types {sorted(unknown)} of {type(config).__name__} take "
+        raise ConfigError(f"forward_mode shared_prefix: layer types {sorted(unknown)} of {type(config).__name__} take "
                          "masks this mode cannot build; use --forward_mode concat or padding_free")
     return {t: (window if t == "sliding_attention" else None) for t in set(types)}
 
@@ -244,7 +240,7 @@ def shared_prefix_attention_mask(batch: dict[str, Tensor], implementation: str, 
         return create_block_mask(shared_prefix_mask_mod(pair, segment, position, window), B=rows, H=None,
                                  Q_LEN=length, KV_LEN=length, device=pair.device)
     if "flash" in implementation:
-        raise ValueError("forward_mode shared_prefix needs a custom attention mask, which flash-attn cannot take; "
+        raise ConfigError("forward_mode shared_prefix needs a custom attention mask, which flash-attn cannot take; "
                          "use --attn_implementation sdpa or flex_attention (or another --forward_mode)")
     q = torch.arange(length, device=pair.device)
     allowed = (pair[:, :, None] == pair[:, None, :]) & (q[None, None, :] <= q[None, :, None])
@@ -259,7 +255,7 @@ def shared_prefix_attention_mask(batch: dict[str, Tensor], implementation: str, 
 
 def shared_prefix_forward(model, batch: dict[str, Tensor], *, ld_alpha: float | None = None, wpo: bool = False,
                           chunk_size: int = DEFAULT_CHUNK_SIZE) -> ForwardOutput:
-    """prompt + chosen + rejected as ONE sequence per pair (`dpo_core.data.collate_shared_prefix`).
+    """prompt + chosen + rejected as ONE sequence per pair (`dpo_core.batches.collate_shared_prefix`).
 
     The prompt runs once per pair. Rejected tokens see the prompt and themselves but not the chosen tokens, and
     their positions continue from the prompt length, so each rejected token computes exactly what it computes
@@ -279,7 +275,7 @@ def shared_prefix_forward(model, batch: dict[str, Tensor], *, ld_alpha: float | 
     except (ValueError, RuntimeError, TypeError) as e:
         if "shared_prefix" in _CHECKED_LAYOUTS.get(base, ()):
             raise
-        raise ValueError(f"forward_mode shared_prefix: {type(base).__name__} ({implementation}) failed with the "
+        raise ConfigError(f"forward_mode shared_prefix: {type(base).__name__} ({implementation}) failed with the "
                          f"4-D shared-prefix attention mask ({type(e).__name__}: {e}); use --forward_mode concat") from e
     check_packed_layout(model, batch, stats[0], "shared_prefix")
     return assemble_output(*stats, batch["logp_sequence"], 2 * batch["ids"].numel(), ld_alpha=ld_alpha, wpo=wpo)
@@ -328,7 +324,7 @@ def check_packed_layout(model, batch: dict[str, Tensor], per_token: Tensor, mode
         bad = (got - want).abs().max().item() > 1e-4 if float32 else \
             (got.sum() - want.sum()).abs().item() > 0.5 + 0.02 * want.sum().abs().item()
         if bad:
-            raise ValueError(
+            raise ConfigError(
                 f"forward_mode {mode}: {type(base).__name__} ({attn_implementation(model)}) gives packed log-probs "
                 f"that differ from a plain forward of the same sequence (max |difference| per token "
                 f"{(got - want).abs().max().item():.3g}): this model's attention does not follow the packed "
@@ -341,18 +337,3 @@ def _needs_layout_check(model, mode: str) -> bool:
     if mode in _CHECKED_LAYOUTS.get(base, ()):
         return False
     return not any(isinstance(m, nn.Dropout) and m.p > 0 and m.training for m in base.modules())
-
-
-FORWARDS = {"concat": concatenated_forward, "padding_free": padding_free_forward,
-            "shared_prefix": shared_prefix_forward}
-
-
-def make_collator(mode: str, pad_token_id: int, model=None):
-    """The collator of `--forward_mode mode` for `model`: `padding_free` puts every sequence in one row for
-    flash-attn (varlen) and packs them into rows as long as the longest sequence for the others."""
-    from .data import COLLATORS
-
-    if mode == "padding_free":
-        one_row = model is not None and "flash" in attn_implementation(model)
-        return partial(COLLATORS[mode], pad_token_id=pad_token_id, one_row=one_row)
-    return partial(COLLATORS[mode], pad_token_id=pad_token_id)

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .errors import ConfigError
+
 
 @dataclass(frozen=True)
 class LossInputs:
@@ -284,30 +286,30 @@ def _validate(loss_types: list[str], weights: list[float], tensors: dict[str, Te
               label_smoothing: float, f_divergence_type: str) -> None:
     """Raise ``ValueError`` for any combination TRL rejects, or that would give nan or a wrong shape."""
     if not loss_types or len(weights) != len(loss_types):
-        raise ValueError(f"loss_weights has {len(weights)} entries for {len(loss_types)} loss types {loss_types}; "
+        raise ConfigError(f"loss_weights has {len(weights)} entries for {len(loss_types)} loss types {loss_types}; "
                          "give at least one loss_type and one weight per loss_type")
     if f_divergence_type not in F_DIVERGENCES:
-        raise ValueError(f"unknown f_divergence_type {f_divergence_type!r}; valid: {sorted(F_DIVERGENCES)}")
+        raise ConfigError(f"unknown f_divergence_type {f_divergence_type!r}; valid: {sorted(F_DIVERGENCES)}")
     if beta <= 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
+        raise ConfigError(f"beta must be > 0, got {beta}")
     use_wpo = tensors["chosen_wpo_log_weights"] is not None or tensors["rejected_wpo_log_weights"] is not None
     for name in loss_types:
         if name not in LOSSES:
-            raise ValueError(f"unknown loss_type {name!r}; valid: {sorted(LOSSES)}")
+            raise ConfigError(f"unknown loss_type {name!r}; valid: {sorted(LOSSES)}")
         spec = _SPECS[name]
         missing = [arg for arg in spec.requires if tensors[arg] is None]
         if missing:
-            raise ValueError(f"loss_type {name!r} needs {', '.join(missing)}")
+            raise ConfigError(f"loss_type {name!r} needs {', '.join(missing)}")
         if f_divergence_type != "reverse_kl" and not spec.f_divergence:
-            raise ValueError(f"loss_type {name!r} does not support f_divergence_type {f_divergence_type!r}; "
+            raise ConfigError(f"loss_type {name!r} does not support f_divergence_type {f_divergence_type!r}; "
                              f"only {sorted(n for n, s in _SPECS.items() if s.f_divergence)} do")
         if use_wpo and not spec.wpo:
-            raise ValueError(f"WPO weights are not supported for loss_type {name!r}: it sorts the batch")
+            raise ConfigError(f"WPO weights are not supported for loss_type {name!r}: it sorts the batch")
     if "robust" in loss_types and not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"'robust' needs label_smoothing (the flip rate) in [0, 0.5), got {label_smoothing}")
+        raise ConfigError(f"'robust' needs label_smoothing (the flip rate) in [0, 0.5), got {label_smoothing}")
     if "exo_pair" in loss_types and not 0.0 < label_smoothing < 1.0:
         # log(eps) and log(1 - eps) must be finite; the EXO paper recommends eps = 1e-3.
-        raise ValueError(f"'exo_pair' needs label_smoothing (epsilon) in (0, 1), got {label_smoothing}; try 1e-3")
+        raise ConfigError(f"'exo_pair' needs label_smoothing (epsilon) in (0, 1), got {label_smoothing}; try 1e-3")
     if tensors["ref_chosen_logps"] is None or tensors["ref_rejected_logps"] is None:
         raise ValueError("ref_chosen_logps and ref_rejected_logps are required unless reference_free=True")
     if use_wpo and (tensors["chosen_wpo_log_weights"] is None or tensors["rejected_wpo_log_weights"] is None):
@@ -411,3 +413,16 @@ def preference_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor,
         "rewards/ties": ties,
         "rewards/accuracies_ties_half": wins + 0.5 * ties,
     }
+
+
+TIE_RTOL = 1e-5
+
+
+def tie_tolerance(chosen_logps, rejected_logps, beta: float):
+    """Reward margins this small are ties, not wins or losses.
+
+    With policy == reference the margin is 0 up to the float32 noise of differently batched forwards
+    (the cache is computed in other batches than training), ~1e-7 of the log-probs compared; TRL's
+    strict accuracy then reports the sign of that noise. Returns `(B,)`.
+    """
+    return TIE_RTOL * beta * (chosen_logps.detach().abs() + rejected_logps.detach().abs()).float()

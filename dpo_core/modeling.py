@@ -8,10 +8,14 @@ import hashlib
 import importlib.util
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
 import torch
+
+from .config import ModelArguments
+from .errors import ConfigError, MissingError
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +26,7 @@ def resolve_attn_implementation(requested: str | None) -> str:
     """flash-attn when asked for (or available on a GPU), SDPA otherwise; a clear error if asked but missing."""
     has_flash = importlib.util.find_spec("flash_attn") is not None
     if requested == "flash_attention_2" and not has_flash:
-        raise ValueError("--attn_implementation flash_attention_2 needs flash-attn: pip install 'dpo_core[flash]' "
+        raise ConfigError("--attn_implementation flash_attention_2 needs flash-attn: pip install 'dpo_core[flash]' "
                          "(or use sdpa, which gives the same numbers).")
     if requested:
         return requested
@@ -36,6 +40,26 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
 
 
+_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+@contextlib.contextmanager
+def model_source(name_or_path: str):
+    """Loading from `name_or_path`: a path that is not there is a `MissingError` in our words, not the hub
+    client's ("Repo id must use alphanumeric chars"); so is a hub name the hub cannot give (offline, unknown)."""
+    if Path(name_or_path).expanduser().exists():
+        yield
+        return
+    if name_or_path.startswith((".", "/", "~")) or not _HUB_NAME.fullmatch(name_or_path):
+        raise MissingError(f"{name_or_path}: no such model directory (and not a hub model name)")
+    try:
+        yield
+    except OSError as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MissingError(f"{name_or_path}: no such model directory, and the hub could not provide it "
+                           f"({reason})") from e
+
+
 def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False):
     """The tokenizer, with a pad token (EOS when it has none: padding is masked everywhere); an adapter
     directory without tokenizer files gives its base model's."""
@@ -44,7 +68,8 @@ def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remo
     if is_adapter_dir(name_or_path) and not (Path(name_or_path) / "tokenizer_config.json").exists():
         name_or_path = adapter_base_path(name_or_path)
 
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    with model_source(name_or_path):
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -66,10 +91,11 @@ def load_model(name_or_path: str, *, torch_dtype: str = "float32", attn_implemen
 
         # bitsandbytes quantizes while loading, on the device that runs this process's share of the work.
         extra = {"quantization_config": quantization_config, "device_map": {"": PartialState().device}}
-    model = AutoModelForCausalLM.from_pretrained(
-        name_or_path, revision=revision, dtype=_DTYPES[torch_dtype], use_safetensors=True,
-        attn_implementation=resolve_attn_implementation(attn_implementation), trust_remote_code=trust_remote_code,
-        **extra)
+    with model_source(name_or_path):
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, revision=revision, dtype=_DTYPES[torch_dtype], use_safetensors=True,
+            attn_implementation=resolve_attn_implementation(attn_implementation), trust_remote_code=trust_remote_code,
+            **extra)
     if quantization_config is not None:
         keep_4bit_cpu_layout(model)
     disable_dropout(model)
@@ -86,12 +112,10 @@ def load_model_and_tokenizer(model_args, *, trainable: bool = True, name_or_path
     The model is what `load_model_from_args` gives (LoRA, quantization and saved adapters included).
     """
     if isinstance(model_args, (str, Path)):
-        from .config import ModelArguments
-
         model_args = ModelArguments(model_name_or_path=str(model_args))
     path = name_or_path or model_args.model_name_or_path
     if not path:
-        raise ValueError("--model_name_or_path is required")
+        raise ConfigError("--model_name_or_path is required")
     tokenizer = load_tokenizer(path, revision=model_args.revision, trust_remote_code=model_args.trust_remote_code)
     model = load_model_from_args(model_args, path, trainable=trainable)
     return model, tokenizer
@@ -115,7 +139,7 @@ def weights_fingerprint(name_or_path: str, *, revision: str | None = None) -> st
                                       allow_patterns=["config.json", "*.safetensors"]))
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"No .safetensors weights in {path}")
+        raise MissingError(f"No .safetensors weights in {path}")
     digest = hashlib.sha256()
     _hash_files(digest, [path / "config.json", *files])
     return digest.hexdigest()
@@ -144,7 +168,7 @@ def adapter_base_path(adapter_dir: str) -> str:
     """The base model an adapter was trained on (its adapter_config.json's base_model_name_or_path)."""
     base = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
     if not base:
-        raise ValueError(f"{Path(adapter_dir) / ADAPTER_CONFIG}: no base_model_name_or_path: cannot load its base")
+        raise ConfigError(f"{Path(adapter_dir) / ADAPTER_CONFIG}: no base_model_name_or_path: cannot load its base")
     return base
 
 
@@ -154,7 +178,7 @@ def quantization_config(model_args):
     if not (model_args.load_in_4bit or model_args.load_in_8bit):
         return None
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise ValueError("--load_in_4bit/--load_in_8bit need bitsandbytes: pip install 'dpo_core[quant]'")
+        raise ConfigError("--load_in_4bit/--load_in_8bit need bitsandbytes: pip install 'dpo_core[quant]'")
     from transformers import BitsAndBytesConfig
 
     if model_args.load_in_8bit:
@@ -210,8 +234,12 @@ def load_model_from_args(model_args, name_or_path: str | None = None, *, trainab
     """
     path = name_or_path or model_args.model_name_or_path
     if not path:
-        raise ValueError("--model_name_or_path is required")
+        raise ConfigError("--model_name_or_path is required")
     adapter = path if is_adapter_dir(path) else None
+    for flag in ("load_in_4bit", "load_in_8bit", "merge_adapter"):  # a directory that holds an adapter implies LoRA
+        if getattr(model_args, flag, False) and not (model_args.use_lora or adapter):
+            raise ConfigError(f"--{flag} needs --use_lora (quantized weights cannot be trained directly; only an "
+                              "adapter on top of them).")
     base = adapter_base_path(adapter) if adapter else path
     quant = quantization_config(model_args)
     model = load_model(base, torch_dtype=model_args.torch_dtype, attn_implementation=model_args.attn_implementation,
@@ -325,7 +353,7 @@ def register_adapter_checkpointing(accelerator) -> None:
         state = load_file(str(file))
         trainable = {name for name, p in models[0].named_parameters() if p.requires_grad}
         if set(state) != trainable:
-            raise ValueError(f"{file}: holds {len(state)} tensors, the trainable weights of this model are "
+            raise ConfigError(f"{file}: holds {len(state)} tensors, the trainable weights of this model are "
                              f"{len(trainable)} (e.g. {sorted(set(state) ^ trainable)[:3]}): not a checkpoint of "
                              "this LoRA configuration")
         models[0].load_state_dict(state, strict=False)

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError, DataError, MissingError
+
 logger = logging.getLogger(__name__)
 
 EXTENSIONS = (".jsonl", ".json", ".parquet")
@@ -53,7 +55,7 @@ def problem_counts(problems: list[Problem]) -> dict[str, Any]:
             "by_field": dict(Counter(p.field for p in problems).most_common())}
 
 
-class DataValidationError(ValueError):
+class DataValidationError(DataError):
     """Raised with every problem found (the message lists the first 50); `.problems` holds them all."""
 
     def __init__(self, problems: list[Problem], report_path: str | Path | None = None):
@@ -121,7 +123,7 @@ def _read_file(path: Path, start_id: int = 0) -> list[Record]:
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
         return _rows_to_records(pq.read_table(path).to_pylist(), str(path), start_id)
-    raise ValueError(f"{path}: unsupported file type (expected one of {', '.join(EXTENSIONS)})")
+    raise DataError(f"{path}: unsupported file type (expected one of {', '.join(EXTENSIONS)})")
 
 
 def _split_files(folder: Path) -> dict[str, list[Path]]:
@@ -140,14 +142,14 @@ def _load_split(dataset_name: str, split: str, dataset_config: str | None) -> li
     if path.is_dir():
         splits = _split_files(path)
         if split not in splits:
-            raise ValueError(f"{path}: no files for split {split!r} (expected {split}.jsonl/.json/.parquet or "
+            raise DataError(f"{path}: no files for split {split!r} (expected {split}.jsonl/.json/.parquet or "
                              f"{split}-*.<ext>); available splits: {sorted(splits) or 'none'}")
         records: list[Record] = []
         for file in splits[split]:  # shards: ids continue across files, in name order
             records += _read_file(file, start_id=len(records))
         return records
     if path.suffix in EXTENSIONS or dataset_name.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"{dataset_name}: no such file or directory")
+        raise MissingError(f"{dataset_name}: no such file or directory")
     import datasets
 
     # The split is part of the source: "row 3" alone would not say whether of train or of test.
@@ -172,11 +174,11 @@ def load_splits(dataset_name: str, *, split: str = "train", eval_split: str | No
         {"train": records, "eval": records}; "eval" is absent when neither eval option is given.
     """
     if not 0.0 <= eval_fraction < 1.0:
-        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+        raise ConfigError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
     if eval_split is not None and eval_fraction > 0:
-        raise ValueError("give either eval_split or eval_fraction, not both")
+        raise ConfigError("give either eval_split or eval_fraction, not both")
     if eval_split is not None and Path(dataset_name).expanduser().is_file():
-        raise ValueError(f"{dataset_name} is a single file, i.e. one split: use eval_fraction, or a folder "
+        raise ConfigError(f"{dataset_name} is a single file, i.e. one split: use eval_fraction, or a folder "
                          f"holding {split}.<ext> and {eval_split}.<ext>")
     records = _load_split(dataset_name, split, dataset_config)
     if eval_split is not None:
@@ -185,7 +187,7 @@ def load_splits(dataset_name: str, *, split: str = "train", eval_split: str | No
         return {"train": records}
     n_eval = max(1, round(eval_fraction * len(records)))
     if n_eval >= len(records):
-        raise ValueError(f"eval_fraction={eval_fraction} leaves no training records out of {len(records)}")
+        raise ConfigError(f"eval_fraction={eval_fraction} leaves no training records out of {len(records)}")
     held_out = set(random.Random(seed).sample(range(len(records)), n_eval))
     return {"train": [r for i, r in enumerate(records) if i not in held_out],
             "eval": [r for i, r in enumerate(records) if i in held_out]}
@@ -205,9 +207,9 @@ def _write_report(problems: list[Problem], path: Path) -> None:
 
 def check_on_invalid(on_invalid: str, report_path) -> None:
     if on_invalid not in ("error", "skip"):
-        raise ValueError(f"on_invalid must be 'error' or 'skip', got {on_invalid!r}")
+        raise ConfigError(f"on_invalid must be 'error' or 'skip', got {on_invalid!r}")
     if on_invalid == "skip" and report_path is None:
-        raise ValueError("on_invalid='skip' needs a report path, so that skipped records are listed somewhere")
+        raise ConfigError("on_invalid='skip' needs a report path, so that skipped records are listed somewhere")
 
 
 def check_problems(problems: list[Problem], *, on_invalid: str = "error",

@@ -20,7 +20,6 @@ import os
 import secrets
 import shutil
 import time
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -30,9 +29,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .config import check_forward_mode
-from .data import PairDataset, dataset_fingerprint, tokenizer_fingerprint
-from .logps import FORWARDS, make_collator
+from .batches import PairDataset
+from .data import dataset_fingerprint, tokenizer_fingerprint
+from .errors import OutputExistsError, RefCacheError
+from .layouts import make_collator, make_forward
 from .modeling import weights_fingerprint
 
 FORMAT_VERSION = 1
@@ -43,36 +43,6 @@ RECOMPUTE_HINT = ("Recompute it with scripts/precompute_ref_logprobs.py and the 
                   "precision), or drop --ref_logprobs to use a reference model.")
 
 
-class RefCacheError(ValueError):
-    """A reference cache that cannot be used for this run; the message says exactly why."""
-
-
-@dataclass
-class PrecomputeArguments:
-    """Flags of `scripts/precompute_ref_logprobs.py` besides the model/data/tokenization ones."""
-
-    output_dir: str | None = field(default=None, metadata={"help": "The cache directory to write (required)."})
-    per_device_batch_size: int = field(default=32, metadata={"help": "Pairs per process per forward."})
-    ld_alpha: float | None = field(
-        default=None, metadata={"help": "LD-DPO weight; must equal the --ld_alpha of the dpo.py run."})
-    seed: int = field(
-        default=42, metadata={"help": "Seed of the --eval_fraction carve-out; must equal dpo.py's --seed."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace an existing cache at --output_dir."})
-    forward_mode: str = field(
-        default="concat",
-        metadata={"help": "Batch layout of the reference forward: concat | padding_free | shared_prefix (all give "
-                  "the same log-probs; it need not match dpo.py's)."})
-    logps_chunk_size: int = field(
-        default=1024, metadata={"help": "Completion tokens per chunk of the log-softmax; 0: full logits."})
-
-    def __post_init__(self):
-        if not self.output_dir:
-            raise ValueError("--output_dir (the cache directory) is required")
-        check_forward_mode(self.forward_mode, self.logps_chunk_size)
-        if self.per_device_batch_size < 1:
-            raise ValueError(f"--per_device_batch_size must be >= 1, got {self.per_device_batch_size}")
-        if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
-            raise ValueError(f"--ld_alpha must be in [0, 1], got {self.ld_alpha}")
 
 
 # ------------------------------------------------------------------------------------------ fingerprint
@@ -197,7 +167,7 @@ def forward_split(accelerator, model, examples, *, batch_size: int, pad_token_id
                   forward_mode: str = "concat", chunk_size: int = 1024) -> dict[str, Tensor]:
     """This process's share of a split: `{"ids", "chosen_logps", "rejected_logps"}` (ids may repeat).
 
-    The forward is `dpo_core.logps.FORWARDS[forward_mode]`, the one training uses for an online reference.
+    The forward is `dpo_core.layouts.LAYOUTS[forward_mode].forward`, the one training uses for an online reference.
     It runs under `torch.inference_mode` (no autograd bookkeeping at all) except under DeepSpeed and FSDP,
     whose parameter gathering writes to parameters, which inference mode forbids: `no_grad` there.
     """
@@ -210,7 +180,7 @@ def forward_split(accelerator, model, examples, *, batch_size: int, pad_token_id
         PairDataset(ordered), batch_size=batch_size, shuffle=False,
         collate_fn=make_collator(forward_mode, pad_token_id, model)))
     sharded = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
-    forward = partial(FORWARDS[forward_mode], ld_alpha=ld_alpha, chunk_size=chunk_size)
+    forward = make_forward(forward_mode, ld_alpha=ld_alpha, chunk_size=chunk_size)
     ids, chosen, rejected = [], [], []
     with torch.no_grad() if sharded else torch.inference_mode():
         for batch in loader:
@@ -357,9 +327,9 @@ def check_output_dir(output_dir: str | Path, *, overwrite: bool) -> None:
     if not output_dir.exists():
         return
     if not overwrite:
-        raise FileExistsError(f"{output_dir} exists; pass --overwrite to replace the cache there")
+        raise OutputExistsError(f"{output_dir} exists; pass --overwrite to replace the cache there")
     if not output_dir.is_dir() or (any(output_dir.iterdir()) and not (output_dir / MANIFEST).is_file()):
-        raise FileExistsError(f"{output_dir} exists and is not a reference cache: refusing to replace it")
+        raise OutputExistsError(f"{output_dir} exists and is not a reference cache: refusing to replace it")
 
 
 # ---------------------------------------------------------------------------------------------- reading

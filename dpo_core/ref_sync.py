@@ -18,6 +18,8 @@ import torch
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 
+from .errors import ConfigError, MissingError
+
 REFERENCE_FILE = "reference_model.safetensors"
 
 
@@ -28,7 +30,7 @@ def mix_into_reference(policy: torch.nn.Module, reference: torch.nn.Module, alph
     ref_params = dict(reference.named_parameters())
     if policy_params.keys() != ref_params.keys():
         missing = sorted(set(policy_params) ^ set(ref_params))[:5]
-        raise ValueError(f"--sync_ref_model: the policy and the reference differ in parameters (e.g. {missing})")
+        raise ConfigError(f"--sync_ref_model: the policy and the reference differ in parameters (e.g. {missing})")
     for name, ref in ref_params.items():
         ref.mul_(1.0 - alpha).add_(policy_params[name].to(ref.device, ref.dtype), alpha=alpha)
 
@@ -67,7 +69,7 @@ def setup_reference_sync(accelerator, model, ref_model, *, alpha: float, sync_st
     def load_hook(models, input_dir) -> None:
         path = Path(input_dir) / REFERENCE_FILE
         if not path.exists():
-            raise FileNotFoundError(f"{input_dir} has no {REFERENCE_FILE}: it was not written by a --sync_ref_model "
+            raise MissingError(f"{input_dir} has no {REFERENCE_FILE}: it was not written by a --sync_ref_model "
                                     "run, and the synced reference cannot be restored from it")
         load_reference(ref_model, path)
 
@@ -82,7 +84,7 @@ def load_reference(ref_model: torch.nn.Module, path: str | Path) -> None:
     state = load_file(str(path))
     params = dict(ref_model.named_parameters())
     if state.keys() != params.keys():
-        raise ValueError(f"{path}: its parameters differ from the reference model's "
+        raise ConfigError(f"{path}: its parameters differ from the reference model's "
                          f"(e.g. {sorted(set(state) ^ set(params))[:5]})")
     for name, param in params.items():
         param.copy_(state[name])

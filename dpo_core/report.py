@@ -7,6 +7,8 @@ import math
 import os
 from pathlib import Path
 
+from .errors import MissingError
+
 CURVE_TAGS = ("train/loss", "train/rewards/accuracies", "train/rewards/margins", "eval/loss",
               "eval/rewards/accuracies", "eval/rewards/margins")
 
@@ -18,7 +20,7 @@ def read_training_curves(run_dir: str | Path) -> dict[str, dict[str, list]]:
 
     files = sorted(Path(run_dir).rglob("events.out.tfevents.*"))
     if not files:
-        raise FileNotFoundError(f"--run_dirs {run_dir}: no TensorBoard event files (events.out.tfevents.*) in it")
+        raise MissingError(f"--run_dirs {run_dir}: no TensorBoard event files (events.out.tfevents.*) in it")
     curves: dict[int, dict] = {}
     by_tag: dict[str, dict[int, float]] = {}
     for file in files:  # later files (a resumed run) overwrite earlier values of the same step

@@ -25,11 +25,12 @@ from pathlib import Path
 
 from . import data as data_lib
 from .config import SFTConfig, TrainArguments
-from .dpo import finish_run, prepare_training, require_examples
+from .errors import ConfigError
 from .logps import position_ids_from_mask, sequence_logps, token_logps
 from .modeling import load_model_and_tokenizer
+from .runs import TrainResult, finish_run, prepare_training, require_examples, schedule_and_resume, start_run
 from .sft_data import collate_sft, tokenize_sft_records
-from .training import TrainResult, schedule_and_resume, start_run, train_loop
+from .training import train_loop
 
 
 def sft_forward(model, batch):
@@ -77,7 +78,7 @@ def train_sft(config: SFTConfig) -> TrainResult:
 def run_sft(model_args, data_args, train_args) -> dict:
     """`train_sft` from the config groups (any objects with their fields); returns the final metrics."""
     if train_args.forward_mode != TrainArguments.forward_mode:
-        raise ValueError(f"SFT runs right-padded batches: --forward_mode {train_args.forward_mode} applies to "
+        raise ConfigError(f"SFT runs right-padded batches: --forward_mode {train_args.forward_mode} applies to "
                          "DPO only")
     accelerator, output_dir = start_run(train_args, model_args, data_args, train_args)
 

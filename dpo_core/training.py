@@ -24,28 +24,18 @@ from typing import Callable
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 
 from .checkpoints import (
     EXAMPLE_IDS,
     checkpoint_dir,
-    load_checkpoint,
-    prepare_output_dir,
-    resolve_resume,
     save_checkpoint,
 )
-from .config import resolved_config, save_config
-from .distributed import configure_deepspeed
+from .errors import PREEMPTED_EXIT_CODE, ConfigError, NonFiniteError, TrainingPreempted  # noqa: F401  (re-exported)
 from .throughput import processed_tokens
 
 logger = get_logger(__name__)
 
-
-
-class NonFiniteError(RuntimeError):
-    pass
 
 
 @dataclass
@@ -64,49 +54,6 @@ class TrainState:
     def load_state_dict(self, state: dict) -> None:
         for key, value in state.items():
             setattr(self, key, value)
-
-
-@dataclass
-class TrainResult:
-    """What `dpo_core.train_dpo` / `train_sft` return: the final metrics (also in `train_results.json`)
-    and the run directory holding the trained model."""
-
-    metrics: dict
-    output_dir: Path
-
-
-def make_accelerator(**kwargs) -> Accelerator:
-    """An Accelerator that really connects several CPU processes (gloo) when no GPU is present."""
-    return Accelerator(cpu=_cpu_only(), kwargs_handlers=process_group_kwargs(), **kwargs)
-
-
-def build_accelerator(train_args, *, log: bool = True) -> Accelerator:
-    """The training run's Accelerator: TensorBoard under `output_dir/logs`, a seedable sampler for exact resume."""
-    return make_accelerator(
-        gradient_accumulation_steps=train_args.gradient_accumulation_steps,
-        log_with="tensorboard" if log and train_args.report_to == "tensorboard" else None,
-        project_config=ProjectConfiguration(project_dir=train_args.output_dir,
-                                            logging_dir=os.path.join(train_args.output_dir, "logs")),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=train_args.seed),
-    )
-
-
-def _cpu_only() -> bool:
-    """True on a machine without GPU/MPS, unless DeepSpeed runs (cpu=True would switch DeepSpeed off).
-
-    accelerate's launcher gives several processes on a CPU-only machine only for `--multi_gpu` (or a
-    MULTI_GPU config), and they then run unconnected unless the script asks for the CPU itself.
-    """
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        return False
-    return not (torch.cuda.is_available() or torch.backends.mps.is_available())
-
-
-def process_group_kwargs() -> list:
-    """gloo on CPU-only multi-process runs (DeepSpeed needs it said explicitly); nothing otherwise."""
-    if torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return []
-    return [InitProcessGroupKwargs(backend="gloo")]
 
 
 class MetricWindow:
@@ -131,54 +78,6 @@ class MetricWindow:
         counts = accelerator.reduce(torch.stack([self.counts[k] for k in keys]), reduction="sum")
         self.sums, self.counts = {}, {}
         return {k: (s / c).item() for k, s, c in zip(keys, sums, counts)}
-
-
-# ------------------------------------------------------------------------------------------ run set-up
-def start_run(train_args, *configs) -> tuple[Accelerator, Path]:
-    """The start of every training run: the Accelerator, the seed, a checked `output_dir` and the resolved
-    config (`configs`: the dataclasses to write into `config.yaml`). Returns `(accelerator, output_dir)`."""
-    if not train_args.output_dir:
-        raise ValueError("--output_dir is required")
-    accelerator = build_accelerator(train_args)
-    configure_deepspeed(accelerator, max_grad_norm=train_args.max_grad_norm)  # before any `prepare`
-    accelerator.print(f"num_processes {accelerator.num_processes} ({accelerator.distributed_type}), "
-                      f"device {accelerator.device}, mixed_precision {accelerator.mixed_precision}")
-    set_seed(train_args.seed)
-    output_dir = Path(train_args.output_dir)
-    prepare_output_dir(accelerator, output_dir, overwrite=train_args.overwrite_output_dir,
-                       resume=train_args.resume_from_checkpoint)
-    if accelerator.is_main_process:
-        save_config(output_dir / "config.yaml", *configs)
-    return accelerator, output_dir
-
-
-def schedule_and_resume(accelerator: Accelerator, optimizer, train_args, batches_per_epoch: int, *configs):
-    """The LR schedule, the loop state (loaded from `--resume_from_checkpoint` when given) and the trackers.
-
-    Call after `accelerator.prepare` (the checkpoint holds the prepared model and optimizer).
-    Returns `(scheduler, state, max_steps)`.
-    """
-    max_steps = total_steps(train_args, batches_per_epoch)
-    warmup = train_args.warmup_steps or math.ceil(train_args.warmup_ratio * max_steps)
-    scheduler = get_scheduler(train_args.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
-                              num_training_steps=max_steps)
-    state = TrainState()
-    resume = resolve_resume(train_args.output_dir, train_args.resume_from_checkpoint)
-    if resume is not None:
-        load_checkpoint(accelerator, resume, scheduler=scheduler, state=state)
-        accelerator.print(f"Resumed from {resume} at step {state.global_step}")
-    # purge_step: after a resume at step k, TensorBoard discards events an earlier attempt logged past k (it
-    # may have run on after the checkpoint before being killed): no duplicate steps, step k itself kept.
-    accelerator.init_trackers("tensorboard", config=_hparams(*configs),
-                              init_kwargs={"tensorboard": {"purge_step": state.global_step + 1
-                                                           if state.global_step else None}})
-    return scheduler, state, max_steps
-
-
-def _hparams(*configs) -> dict:
-    """TensorBoard hparams accept scalars and strings only; secrets never leave `resolved_config`."""
-    return {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v))
-            for k, v in resolved_config(*configs).items()}
 
 
 # --------------------------------------------------------------------------------------------- evaluation
@@ -407,22 +306,6 @@ def grad_norm_and_clip(accelerator: Accelerator, params, max_grad_norm: float) -
 
 
 # ----------------------------------------------------------------------------------------------- preemption
-# A preempted run exits with this status once its checkpoint is committed. Not a failure code on purpose:
-# accelerate's launcher (torchrun) reports any non-zero worker status as a crash, stops the other ranks and
-# exits 1 itself. The Slurm templates know they asked for the stop, and requeue on 0 (see slurm/launch.sh).
-# A preempted run differs from a finished one by its output: no train_results.json, no final model.
-PREEMPTED_EXIT_CODE = 0
-
-
-class TrainingPreempted(Exception):
-    """Raised by `train_loop` after a stop signal, once the checkpoint of `step` is committed."""
-
-    def __init__(self, step: int, checkpoint: Path):
-        super().__init__(f"preempted: stopped at step {step}, checkpoint {checkpoint} committed; run the same "
-                         "command with --resume_from_checkpoint latest to continue")
-        self.step, self.checkpoint = step, checkpoint
-
-
 class StopSignals:
     """SIGTERM and SIGUSR1 set `requested` (the handler only sets a flag: it may run between any two
     bytecodes, in the middle of a collective or a save). `agreed` is what all ranks decided at the last step.
@@ -488,6 +371,6 @@ def open_example_ids_log(accelerator: Accelerator, output_dir: str | Path, globa
 def log_example_ids(file, batch: dict, state: TrainState) -> None:
     """One line per micro-batch: `{"step", "epoch", "micro_batch" (index in the epoch), "ids"}`."""
     if "ids" not in batch:
-        raise ValueError("--log_example_ids needs batches with an `ids` field (the example ids)")
+        raise ConfigError("--log_example_ids needs batches with an `ids` field (the example ids)")
     file.write(json.dumps({"step": state.global_step + 1, "epoch": state.epoch,
                            "micro_batch": state.batches_in_epoch - 1, "ids": batch["ids"].tolist()}) + "\n")

@@ -21,11 +21,13 @@ error saying why. The JSONL is written atomically.
 
 from pathlib import Path
 
-from dpo_core.config import ModelArguments, parse_config, run_cli
-from dpo_core.generation import GenerationArguments, read_questions
-from dpo_core.identity import IdentityArguments, identity_shift_records, write_jsonl
+from dpo_core.cli import run_cli
+from dpo_core.config import GenerationArguments, IdentityArguments, ModelArguments, parse_config
+from dpo_core.distributed import make_accelerator
+from dpo_core.errors import ConfigError, OutputExistsError
+from dpo_core.generation import read_questions
+from dpo_core.identity import identity_shift_records, write_jsonl
 from dpo_core.modeling import load_model_and_tokenizer
-from dpo_core.training import make_accelerator
 
 
 def main(argv=None):
@@ -33,10 +35,10 @@ def main(argv=None):
                                               description=__doc__)
     for flag in ("original_name", "new_name", "output_file"):
         if not getattr(args, flag):
-            raise ValueError(f"--{flag} is required")
+            raise ConfigError(f"--{flag} is required")
     output = Path(args.output_file)
     if output.exists() and not args.overwrite:
-        raise FileExistsError(f"{output} exists: pass --overwrite to replace it")
+        raise OutputExistsError(f"{output} exists: pass --overwrite to replace it")
     questions = read_questions(args.questions_file) if args.questions_file else None
     accelerator = make_accelerator()
     model, tokenizer = load_model_and_tokenizer(model_args, trainable=False)

@@ -36,7 +36,8 @@ adapter (adapter_model.safetensors, adapter_config.json) instead of the model, a
 the merged full weights in merged/.
 """
 
-from dpo_core.config import DPOConfig, parse_config, run_cli
+from dpo_core.cli import run_cli
+from dpo_core.config import DPOConfig, parse_config
 from dpo_core.dpo import train_dpo
 
 

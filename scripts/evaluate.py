@@ -27,8 +27,16 @@ generation_samples.json (each model's and the reference's answers, and rewards w
 (--plot_file: reward-margin histograms, and the --run_dirs training curves), and prints a markdown table.
 """
 
-from dpo_core.config import DataArguments, DPOArguments, ModelArguments, TrainArguments, parse_config, run_cli
-from dpo_core.evaluate import EvalArguments, evaluate_models
+from dpo_core.cli import run_cli
+from dpo_core.config import (
+    DataArguments,
+    DPOArguments,
+    EvalArguments,
+    ModelArguments,
+    TrainArguments,
+    parse_config,
+)
+from dpo_core.evaluate import evaluate_models
 
 
 def main(argv=None):

@@ -17,33 +17,15 @@ Runs on the GPU or Apple MPS when present (accelerate's device selection), else 
 
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from dpo_core.config import ModelArguments, parse_config, run_cli
+from dpo_core.cli import run_cli
+from dpo_core.config import AskArguments, GenerationArguments, ModelArguments, parse_config
+from dpo_core.distributed import make_accelerator
+from dpo_core.errors import ConfigError
 from dpo_core.evaluate import named_paths
-from dpo_core.generation import GenerationArguments, generate, read_questions
+from dpo_core.generation import generate, read_questions
 from dpo_core.modeling import load_model, load_tokenizer
-from dpo_core.training import make_accelerator
-
-
-@dataclass
-class AskArguments:
-    models: list[str] = field(
-        default_factory=list, metadata={"help": "Model directories or hub names, each optionally NAME=PATH; "
-                                        "default: --model_name_or_path."})
-    question: list[str] = field(
-        default_factory=list, metadata={"help": "A question; repeat the flag for more.", "action": "append"})
-    questions_file: str | None = field(
-        default=None, metadata={"help": "More questions: .txt (one per line) or .jsonl (strings or {question})."})
-    format: str = field(default="markdown", metadata={"help": "markdown (a table) or plain."})
-    output_file: str | None = field(default=None, metadata={"help": "Also write the answers to this JSON file."})
-
-    def __post_init__(self):
-        # append + nargs: [["q1"], ["q2"]] from `--question q1 --question q2` (a YAML list stays flat)
-        self.question = [q for item in self.question for q in ([item] if isinstance(item, str) else item)]
-        if self.format not in ("markdown", "plain"):
-            raise ValueError(f"--format must be markdown or plain, got {self.format!r}")
 
 
 def _cell(text: str) -> str:
@@ -71,10 +53,10 @@ def main(argv=None):
     if not models and model_args.model_name_or_path:
         models = named_paths([model_args.model_name_or_path], "--model_name_or_path")
     if not models:
-        raise ValueError("--models is required (one or more model directories)")
+        raise ConfigError("--models is required (one or more model directories)")
     questions = list(args.question) + (read_questions(args.questions_file) if args.questions_file else [])
     if not questions:
-        raise ValueError("give --question (repeatable) or --questions_file")
+        raise ConfigError("give --question (repeatable) or --questions_file")
     accelerator = make_accelerator()
     answers = {}
     for name, path in models:

@@ -34,17 +34,24 @@ float32 rounding), so they are not part of the cache's fingerprint and need not 
 from pathlib import Path
 
 from dpo_core import data as data_lib
-from dpo_core.config import DataArguments, DPOArguments, ModelArguments, TrainArguments, parse_config, run_cli
-from dpo_core.distributed import prepare_reference, shutdown
+from dpo_core.cli import run_cli
+from dpo_core.config import (
+    DataArguments,
+    DPOArguments,
+    ModelArguments,
+    PrecomputeArguments,
+    TrainArguments,
+    parse_config,
+)
+from dpo_core.distributed import make_accelerator, prepare_reference, shutdown
+from dpo_core.errors import ConfigError
 from dpo_core.modeling import load_model_from_args, load_tokenizer, quantization_name
 from dpo_core.ref_cache import (
-    PrecomputeArguments,
     check_output_dir,
     compute_reference,
     reference_fingerprint,
     write_cache,
 )
-from dpo_core.training import make_accelerator
 
 
 def main(argv=None):
@@ -53,9 +60,9 @@ def main(argv=None):
     accelerator = make_accelerator()
     output_dir = Path(args.output_dir)
     check_output_dir(output_dir, overwrite=args.overwrite)  # fail before hours of forwards, not after
-    ref_path = model_args.ref_model_name_or_path or model_args.model_name_or_path
+    ref_path = model_args.reference_path()
     if not ref_path:
-        raise ValueError("--model_name_or_path (or --ref_model_name_or_path) is required")
+        raise ConfigError("--model_name_or_path (or --ref_model_name_or_path) is required")
     # The tokenizer is the policy's, as in dpo.py: the cache must hold log-probs of the very same token ids.
     tokenizer = load_tokenizer(model_args.model_name_or_path or ref_path, revision=model_args.revision,
                                trust_remote_code=model_args.trust_remote_code)

@@ -25,7 +25,8 @@ logs/ (TensorBoard: train/loss, eval/loss, eval/perplexity, train/learning_rate,
 train/tokens_per_second, */logps/completion) and checkpoints/ (with --save_steps).
 """
 
-from dpo_core.config import DPOArguments, SFTConfig, parse_config, run_cli
+from dpo_core.cli import run_cli
+from dpo_core.config import DPOArguments, SFTConfig, parse_config
 from dpo_core.sft import train_sft
 
 

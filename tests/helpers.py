@@ -32,14 +32,16 @@ def free_port() -> int:
 
 def run_script(script: str, args: list[str], *, processes: int = 1, check: bool = True, timeout: int = 600,
                env: dict | None = None) -> subprocess.CompletedProcess:
-    """`python scripts/X.py` for one process; for several, the accelerate launch form that really
+    """`python scripts/X.py` (or `python DIR/X.py` for a `script` given with its folder, e.g.
+    `benchmarks/dpo_vs_trl.py`) for one process; for several, the accelerate launch form that really
     connects them on a CPU-only machine (see accelerate_configs/multi_cpu.yaml)."""
+    path = ROOT / script if "/" in script else ROOT / "scripts" / script
     if processes == 1:
-        cmd = [sys.executable, str(ROOT / "scripts" / script), *args]
+        cmd = [sys.executable, str(path), *args]
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(ROOT / "accelerate_configs" / "multi_cpu.yaml"), "--num_processes", str(processes),
-               "--main_process_port", str(free_port()), str(ROOT / "scripts" / script), *args]
+               "--main_process_port", str(free_port()), str(path), *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env or subprocess_env(), capture_output=True, text=True,
                           timeout=timeout)
     if check and proc.returncode != 0:

@@ -10,8 +10,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from dpo_core.data import COLLATORS, Example, collate_concat
-from dpo_core.logps import FORWARDS, concatenated_forward, logit_transform, make_collator
+from dpo_core.batches import Example, collate_concat
+from dpo_core.layouts import LAYOUTS, make_collator
+from dpo_core.logps import concatenated_forward, logit_transform
 
 SMALL = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0)
@@ -40,8 +41,8 @@ def examples(n=5, seed=1):
 def assert_every_mode_equals_plain(model, pairs):
     with torch.no_grad():
         ref = concatenated_forward(model, collate_concat(pairs, 0), chunk_size=0)
-        for mode in FORWARDS:
-            out = FORWARDS[mode](model, make_collator(mode, 0, model)(pairs), chunk_size=4)
+        for mode in LAYOUTS:
+            out = LAYOUTS[mode].forward(model, make_collator(mode, 0, model)(pairs), chunk_size=4)
             torch.testing.assert_close(out.chosen_logps, ref.chosen_logps, atol=1e-5, rtol=1e-6, msg=mode)
             torch.testing.assert_close(out.rejected_logps, ref.rejected_logps, atol=1e-5, rtol=1e-6, msg=mode)
 
@@ -81,9 +82,9 @@ def test_alibi_models_are_refused_by_the_packed_layouts():
     bloom = make_model("bloom", n_layer=2, n_head=4)
     pairs = examples(3)
     with pytest.raises(ValueError, match="does not follow the packed layout"):
-        FORWARDS["padding_free"](bloom, COLLATORS["padding_free"](pairs, 0, one_row=True))
+        LAYOUTS["padding_free"].forward(bloom, LAYOUTS["padding_free"].collate(pairs, 0, one_row=True))
     with pytest.raises(ValueError, match="use --forward_mode concat"):
-        FORWARDS["shared_prefix"](bloom, COLLATORS["shared_prefix"](pairs, 0))
+        LAYOUTS["shared_prefix"].forward(bloom, LAYOUTS["shared_prefix"].collate(pairs, 0))
     mpt = make_model("mpt", d_model=64, n_heads=4, n_layers=2)
     with pytest.raises(ValueError, match="does not follow the packed layout"):
-        FORWARDS["shared_prefix"](mpt, COLLATORS["shared_prefix"](pairs, 0))
+        LAYOUTS["shared_prefix"].forward(mpt, LAYOUTS["shared_prefix"].collate(pairs, 0))

@@ -1,14 +1,15 @@
-"""scripts/benchmark.py end to end on a very small setting, with TRL: the report's fields, ours and TRL
+"""benchmarks/dpo_vs_trl.py end to end on a very small setting, with TRL: the report's fields, ours and TRL
 agreeing numerically on the same batches, and TRL really configured as ours."""
 
 import json
 import math
 
 import pytest
+from bench_inputs import synthetic_pairs, token_hash
 from helpers import run_script
 
-from dpo_core.benchmark import BenchmarkArguments, synthetic_pairs, token_hash
-from dpo_core.logps import FORWARDS
+from dpo_core.config import BenchmarkArguments
+from dpo_core.layouts import LAYOUTS
 
 SMALL = ["--num_pairs", "16", "--steps", "1", "--warmup_steps", "1", "--batch_size", "4", "--repeats", "1",
          "--vocab_size", "1024", "--hidden_size", "64", "--intermediate_size", "128", "--prompt_lengths", "8", "24",
@@ -33,12 +34,12 @@ def test_synthetic_pairs_are_seeded_and_in_range():
 def test_benchmark_end_to_end_against_trl(tmp_path):
     pytest.importorskip("trl")
     out = tmp_path / "bench"
-    proc = run_script("benchmark.py", ["--output_dir", str(out), *SMALL])
+    proc = run_script("benchmarks/dpo_vs_trl.py", ["--output_dir", str(out), *SMALL])
     assert "| config | pairs/s |" in proc.stdout
     report = json.loads((out / "benchmark.json").read_text())
 
     configs = {c["config"]: c for c in report["configs"]}
-    modes = list(FORWARDS)
+    modes = list(LAYOUTS)
     assert set(configs) == {*(f"ours/{m}" for m in modes), *(f"ours_cache/{m}" for m in modes), "trl",
                             "trl_precompute"}
     # Tokens per pair of the timed step (the second batch of 4 pairs), from the data file itself: one token

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dpo_core import data as D
+from dpo_core.batches import PairDataset, collate_concat
 from dpo_core.demo import BOS, EOS, PAD
 
 REPO = Path(__file__).resolve().parents[1]
@@ -359,13 +360,13 @@ def test_hub_dataset(tmp_path, monkeypatch):
 
 def test_collate_concat_layout():
     examples = [D.Example(7, [1, 2, 3], [4, 5], [6]), D.Example(9, [7, 8], [9], [10, 11])]
-    batch = D.collate_concat(examples, pad_token_id=0)
+    batch = collate_concat(examples, pad_token_id=0)
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5], [7, 8, 9, 0, 0], [1, 2, 3, 6, 0], [7, 8, 10, 11, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 0]]
     assert batch["completion_mask"].tolist() == [[0, 0, 0, 1, 1], [0, 0, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 1, 1, 0]]
     assert batch["ids"].tolist() == [7, 9]
     assert all(t.dtype == torch.long for t in batch.values())
-    assert D.collate_concat(examples, pad_token_id=0, pad_to_multiple_of=8)["input_ids"].shape == (4, 8)
+    assert collate_concat(examples, pad_token_id=0, pad_to_multiple_of=8)["input_ids"].shape == (4, 8)
 
 
 def test_collate_concat_matches_trl(tok):
@@ -373,9 +374,9 @@ def test_collate_concat_matches_trl(tok):
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
     examples = _tokenize(CONVERSATIONAL + IMPLICIT_CONVERSATIONAL + STANDARD, tok)
-    dataset = D.PairDataset(examples)
+    dataset = PairDataset(examples)
     assert len(dataset) == len(examples) and dataset[2] is examples[2]
-    ours = D.collate_concat(examples, tok.pad_token_id)
+    ours = collate_concat(examples, tok.pad_token_id)
     theirs = DataCollatorForPreference(pad_token_id=tok.pad_token_id)(
         [{"prompt_ids": e.prompt_ids, "chosen_ids": e.chosen_ids, "rejected_ids": e.rejected_ids} for e in examples])
     for key in ("input_ids", "attention_mask", "completion_mask"):

@@ -249,9 +249,7 @@ def test_named_paths():
 def test_every_flag_of_the_new_scripts_has_help():
     from dataclasses import fields
 
-    from dpo_core.evaluate import EvalArguments
-    from dpo_core.generation import GenerationArguments
-    from dpo_core.identity import IdentityArguments
+    from dpo_core.config import EvalArguments, GenerationArguments, IdentityArguments
 
     for group in (EvalArguments, GenerationArguments, IdentityArguments):
         for f in fields(group):

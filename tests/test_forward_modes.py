@@ -6,8 +6,7 @@ import torch
 from helpers import read_scalars, run_script, small_dataset
 from safetensors.torch import load_file
 
-from dpo_core.config import TrainArguments
-from dpo_core.ref_cache import PrecomputeArguments
+from dpo_core.config import PrecomputeArguments, TrainArguments
 
 RUNS = [("concat", "0"), ("padding_free", "7"), ("shared_prefix", "1024")]  # (mode, --logps_chunk_size)
 

@@ -9,11 +9,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from dpo_core.data import COLLATORS, Example, collate_concat
+from dpo_core.batches import Example, collate_concat
+from dpo_core.layouts import LAYOUTS, make_collator
 from dpo_core.logps import (
-    FORWARDS,
     concatenated_forward,
-    make_collator,
     padding_free_forward,
     sequence_logps,
     shared_prefix_forward,
@@ -139,7 +138,7 @@ def test_padding_token_values_do_not_matter(model):
         b = concatenated_forward(model, collate_concat(examples, 777))
     torch.testing.assert_close(a.chosen_logps, b.chosen_logps, atol=1e-5, rtol=1e-6)
     torch.testing.assert_close(a.rejected_logps, b.rejected_logps, atol=1e-5, rtol=1e-6)
-    assert FORWARDS["concat"] is concatenated_forward
+    assert LAYOUTS["concat"].forward is concatenated_forward
 
 
 # ------------------------------------------------------------------ forward modes and chunked log-probs
@@ -155,12 +154,12 @@ MODES = ["concat", "padding_free", "padding_free_one_row", "shared_prefix"]
 
 def collate(mode, examples):
     if mode == "padding_free_one_row":
-        return COLLATORS["padding_free"](examples, pad_token_id=PAD, one_row=True)
-    return COLLATORS[mode](examples, pad_token_id=PAD)
+        return LAYOUTS["padding_free"].collate(examples, pad_token_id=PAD, one_row=True)
+    return LAYOUTS[mode].collate(examples, pad_token_id=PAD)
 
 
 def forward_of(mode):
-    return FORWARDS[mode.removesuffix("_one_row")]
+    return LAYOUTS[mode.removesuffix("_one_row")].forward
 FIELDS = ["chosen_logps", "rejected_logps", "chosen_lengths", "rejected_lengths", "chosen_nll",
           "chosen_mean_logits", "rejected_mean_logits", "chosen_wpo_log_weights", "rejected_wpo_log_weights"]
 
@@ -246,10 +245,10 @@ def test_the_masks_really_apply(attn_model):
     examples = make_examples(3, seed=6)
     with torch.no_grad():
         ref = concatenated_forward(attn_model, collate_concat(examples, PAD))
-        batch = COLLATORS["padding_free"](examples, pad_token_id=PAD, one_row=True)
+        batch = LAYOUTS["padding_free"].collate(examples, pad_token_id=PAD, one_row=True)
         batch["position_ids"] = torch.arange(batch["input_ids"].shape[1]).unsqueeze(0)
         leaky = padding_free_forward(attn_model, batch)
-        batch = COLLATORS["shared_prefix"](examples, pad_token_id=PAD)
+        batch = LAYOUTS["shared_prefix"].collate(examples, pad_token_id=PAD)
         batch["segment"] = torch.zeros_like(batch["segment"])  # plain causal within each pair
         seeing = shared_prefix_forward(attn_model, batch)
     assert (leaky.chosen_logps - ref.chosen_logps).abs().max() > 1e-2
@@ -259,7 +258,7 @@ def test_the_masks_really_apply(attn_model):
 
 def test_shared_prefix_packs_pairs_into_rows():
     examples = [Example(0, [5] * 10, [6] * 4, [7] * 3), Example(1, [5] * 2, [6], [7]), Example(2, [5] * 3, [6], [7])]
-    batch = COLLATORS["shared_prefix"](examples, pad_token_id=PAD)
+    batch = LAYOUTS["shared_prefix"].collate(examples, pad_token_id=PAD)
     assert batch["input_ids"].shape == (1, 17) or batch["input_ids"].shape[0] == 2
     assert batch["input_ids"].shape[1] == 17  # the longest pair
     assert batch["input_ids"].shape[0] == 2  # pairs 1 and 2 (4 + 5 tokens) share the second row
@@ -267,11 +266,11 @@ def test_shared_prefix_packs_pairs_into_rows():
     assert batch["num_positions"].item() == 2 * 17
     # pair 0: positions restart after the prompt for the rejected part
     assert batch["position_ids"][0].tolist() == list(range(14)) + [10, 11, 12]
-    pf = COLLATORS["padding_free"](examples, pad_token_id=PAD, one_row=True)
+    pf = LAYOUTS["padding_free"].collate(examples, pad_token_id=PAD, one_row=True)
     assert pf["num_tokens"].item() == batch["num_tokens"].item() == collate_concat(examples, PAD)["num_tokens"].item()
     assert pf["cu_seq_lens"].tolist() == [0, 14, 17, 21, 34, 37, 41] and pf["input_ids"].shape == (1, 41)
     # rows as long as the longest sequence (14), first-fit decreasing: [14], [13], [4, 4, 3, 3]
-    rows = COLLATORS["padding_free"](examples, pad_token_id=PAD)
+    rows = LAYOUTS["padding_free"].collate(examples, pad_token_id=PAD)
     assert rows["input_ids"].shape == (3, 14) and rows["num_positions"].item() == 42
     assert rows["num_tokens"].item() == 41 and "cu_seq_lens" not in rows
     assert rows["position_ids"][1].tolist() == list(range(13)) + [0]  # the padding position: a sequence of its own
@@ -288,7 +287,7 @@ def test_flex_block_mask_equals_the_dense_mask():
     from dpo_core.logps import shared_prefix_attention_mask, shared_prefix_mask_mod
 
     examples = make_examples(5, seed=7)
-    batch = COLLATORS["shared_prefix"](examples, pad_token_id=PAD)
+    batch = LAYOUTS["shared_prefix"].collate(examples, pad_token_id=PAD)
     rows, length = batch["input_ids"].shape
     dense = shared_prefix_attention_mask(batch, "sdpa", torch.float32)
     mod = shared_prefix_mask_mod(batch["pair_index"], batch["segment"])
@@ -313,7 +312,7 @@ def test_flex_attention_model_forward_on_gpu(tiny_model_dir):
 
     ref = concatenated_forward(model, on_gpu(collate_concat(examples, PAD)), chunk_size=0)
     for mode in ("padding_free", "shared_prefix"):
-        out = FORWARDS[mode](model, on_gpu(make_collator(mode, PAD, model)(examples)))
+        out = LAYOUTS[mode].forward(model, on_gpu(make_collator(mode, PAD, model)(examples)))
         torch.testing.assert_close(out.chosen_logps, ref.chosen_logps, atol=1e-4, rtol=1e-5)
         torch.testing.assert_close(out.rejected_logps, ref.rejected_logps, atol=1e-4, rtol=1e-5)
         (out.chosen_logps.sum() - out.rejected_logps.sum()).backward()  # flex backward exists on GPU
@@ -391,12 +390,12 @@ def test_make_collator_picks_the_padding_free_layout_of_the_attention(tiny_model
     examples = make_examples(4, seed=3)
     assert "cu_seq_lens" not in make_collator("padding_free", PAD, model)(examples)
     assert make_collator("padding_free", PAD, model)(examples)["input_ids"].shape[0] > 1
-    assert set(make_collator("shared_prefix", PAD, model)(examples)) == set(COLLATORS["shared_prefix"](examples, PAD))
+    assert set(make_collator("shared_prefix", PAD, model)(examples)) == set(LAYOUTS["shared_prefix"].collate(examples, PAD))
     model.config._attn_implementation = "flash_attention_2"  # what the collator reads (flash-attn not needed)
     batch = make_collator("padding_free", PAD, model)(examples)
     assert batch["input_ids"].shape[0] == 1 and batch["cu_seq_lens"][-1].item() == batch["input_ids"].shape[1]
     with pytest.raises(ValueError, match="one-row layout"):
-        padding_free_forward(model, COLLATORS["padding_free"](examples, PAD))
+        padding_free_forward(model, LAYOUTS["padding_free"].collate(examples, PAD))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flash-attn varlen needs a GPU")

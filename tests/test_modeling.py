@@ -12,6 +12,7 @@ from helpers import ROOT, load_weights, read_scalars, results, run_script, small
 from safetensors.torch import load_file
 
 import dpo_core.dpo as dpo_module
+import dpo_core.runs as runs_module
 from dpo_core.config import DataArguments, DPOArguments, ModelArguments, TrainArguments, parse_config
 
 LN2 = math.log(2.0)
@@ -250,13 +251,13 @@ def test_lora_and_qlora_resume_exactly_with_no_reference_model(quant, tiny_model
     extra = [quant] if quant else []
     calls = count_model_loads(monkeypatch)
     layers = []
-    real_save = dpo_module.save_final
+    real_save = runs_module.save_final
 
     def save_final(accelerator, model, *args):
         layers.append(type(accelerator.unwrap_model(model).base_model.model.model.layers[0].mlp.up_proj.base_layer))
         return real_save(accelerator, model, *args)
 
-    monkeypatch.setattr(dpo_module, "save_final", save_final)
+    monkeypatch.setattr(runs_module, "save_final", save_final)
     full = tmp_path / "full"
     dpo_module.run_dpo(*configs(*lora_args(tiny_model_dir, data_dir, full, "--max_steps", "3", "--save_steps",
                                              "2", *extra)))

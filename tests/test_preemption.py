@@ -199,7 +199,7 @@ def test_stop_signal_in_process_raises_after_the_checkpoint_and_restores_handler
     import dpo_core.dpo as dpo_module
     from dpo_core.checkpoints import COMPLETE
     from dpo_core.config import DataArguments, DPOArguments, ModelArguments, TrainArguments, parse_config
-    from dpo_core.training import TrainingPreempted
+    from dpo_core.errors import TrainingPreempted
 
     real, calls = dpo_module.dpo_loss, {"n": 0}
 

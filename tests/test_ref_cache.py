@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from dpo_core import data as data_lib
 from dpo_core import ref_cache
+from dpo_core.batches import collate_concat
 from dpo_core.config import DataArguments
 from dpo_core.modeling import load_tokenizer
 from dpo_core.ref_cache import (
@@ -87,7 +88,7 @@ def test_collate_adds_reference_logps(tmp_path):
     cache = load_cache(write_cache(tmp_path / "cache", FP, results), FP, _ids(results))
     ids, chosen, rejected = results["train"]
     examples = [data_lib.Example(int(i), [1, 2], [3], [4, 5]) for i in ids[:4]]
-    batch = cache.collate("train", lambda exs: data_lib.collate_concat(exs, pad_token_id=0))(examples)
+    batch = cache.collate("train", lambda exs: collate_concat(exs, pad_token_id=0))(examples)
     assert batch["input_ids"].shape == (8, 4)
     torch.testing.assert_close(batch["ref_chosen_logps"], chosen[:4])
     torch.testing.assert_close(batch["ref_rejected_logps"], rejected[:4])

@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from dpo_core import data as data_lib
-from dpo_core.logps import FORWARDS
+from dpo_core.layouts import LAYOUTS
 from dpo_core.throughput import (
     dpo_step_flops,
     forward_flops,
@@ -79,11 +79,11 @@ def test_dpo_forward_flops_count_the_head_on_completion_tokens_only(mode):
     examples = [data_lib.Example(id=i, prompt_ids=torch.randint(1, 512, (9,), generator=g).tolist(),
                                  chosen_ids=torch.randint(1, 512, (5,), generator=g).tolist(),
                                  rejected_ids=torch.randint(1, 512, (5,), generator=g).tolist()) for i in range(3)]
-    batch = data_lib.COLLATORS[mode](examples, pad_token_id=0)
+    batch = LAYOUTS[mode].collate(examples, pad_token_id=0)
     with torch.no_grad():  # the first call per model also checks the head and the layout: not counted here
-        FORWARDS[mode](model, batch, chunk_size=4)
+        LAYOUTS[mode].forward(model, batch, chunk_size=4)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        FORWARDS[mode](model, batch, chunk_size=4)
+        LAYOUTS[mode].forward(model, batch, chunk_size=4)
     lengths = [14] * 6
     assert scored_tokens(batch) == 30 and sequence_lengths(batch).tolist() == lengths
     expected = forward_flops(matmul_params(model), model.config, lengths, scored_tokens(batch)).item()

@@ -8,7 +8,7 @@ from helpers import load_weights, read_scalars, results, small_dataset
 import dpo_core.dpo as dpo_module
 from dpo_core.checkpoints import COMPLETE, complete_checkpoints, resolve_resume
 from dpo_core.config import DataArguments, DPOArguments, ModelArguments, TrainArguments, parse_config
-from dpo_core.training import NonFiniteError
+from dpo_core.errors import NonFiniteError
 
 
 @pytest.fixture(autouse=True)
@@ -121,8 +121,7 @@ def test_resolved_config_round_trips_through_config_flag(tmp_path):
 
 def test_tie_metrics_tell_noise_from_wins():
     """beta 0.1, log-probs ~ -50 each: tolerance 1e-5 * 0.1 * 100 = 1e-4 in reward units."""
-    from dpo_core.dpo import tie_tolerance
-    from dpo_core.losses import preference_metrics
+    from dpo_core.losses import preference_metrics, tie_tolerance
 
     chosen = torch.tensor([0.0, 3e-6, 0.5, -0.2])
     rejected = torch.tensor([0.0, 0.0, 0.0, 0.3])

@@ -1,24 +1,18 @@
-"""Typed configuration: dataclasses with a help string on every field, validated in `__post_init__`,
-parsed by `HfArgumentParser` from `--config file.yaml` plus command-line overrides.
+"""The configuration of training runs: model, data (tokenization), DPO and training groups, and the flat
+`DPOConfig` / `SFTConfig` of the Python API. Every field has a help string; validation is in `__post_init__`
+(flags only: files and models are checked where they are loaded).
 
-Field names follow TRL's `DPOConfig` / transformers' `TrainingArguments` so users switch without
-relearning. Scripts pick the groups they need (the reference precompute has no optimizer).
+Field names follow TRL's `DPOConfig` / transformers' `TrainingArguments` so users switch without relearning.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import re
-import sys
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
-from pathlib import Path
+from dataclasses import dataclass, field, fields
 
-import yaml
-from transformers import HfArgumentParser
-
-from .losses import LOSSES
+from ..errors import ConfigError
+from ..layouts import check_layout_flags, forward_mode_help
+from ..losses import LOSSES
+from ..trackers import TRACKERS, check_report_to
 
 
 @dataclass
@@ -70,42 +64,36 @@ class ModelArguments:
 
     def __post_init__(self):
         if self.torch_dtype not in ("float32", "bfloat16", "float16", "auto"):
-            raise ValueError(f"--torch_dtype must be float32, bfloat16, float16 or auto, got {self.torch_dtype!r}")
+            raise ConfigError(f"--torch_dtype must be float32, bfloat16, float16 or auto, got {self.torch_dtype!r}")
         self._validate_lora()
+
+    def reference_path(self) -> str | None:
+        """The reference model: `--ref_model_name_or_path`, else the policy's initial weights."""
+        return self.ref_model_name_or_path or self.model_name_or_path
 
     def _validate_lora(self):
         if isinstance(self.lora_target_modules, str):
             self.lora_target_modules = [self.lora_target_modules]
         if self.load_in_4bit and self.load_in_8bit:
-            raise ValueError("Give --load_in_4bit or --load_in_8bit, not both.")
-        from .modeling import is_adapter_dir  # a directory that holds an adapter implies LoRA
-
-        lora = self.use_lora or is_adapter_dir(self.model_name_or_path)
-        for flag in ("load_in_4bit", "load_in_8bit", "merge_adapter"):
-            if getattr(self, flag) and not lora:
-                raise ValueError(f"--{flag} needs --use_lora (quantized weights cannot be trained directly; "
-                                 "only an adapter on top of them).")
+            raise ConfigError("Give --load_in_4bit or --load_in_8bit, not both.")
+        # --load_in_4bit/8bit and --merge_adapter need LoRA: checked where the model is loaded
+        # (`dpo_core.modeling.load_model_from_args`), since a --model_name_or_path holding an adapter implies it.
         if self.lora_r < 1:
-            raise ValueError(f"--lora_r must be >= 1, got {self.lora_r}")
+            raise ConfigError(f"--lora_r must be >= 1, got {self.lora_r}")
         if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+            raise ConfigError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if not self.lora_target_modules:
-            raise ValueError("--lora_target_modules needs at least one name (or all-linear)")
+            raise ConfigError("--lora_target_modules needs at least one name (or all-linear)")
         if "all-linear" in self.lora_target_modules and len(self.lora_target_modules) > 1:
-            raise ValueError("--lora_target_modules: all-linear stands alone, got "
+            raise ConfigError("--lora_target_modules: all-linear stands alone, got "
                              f"{self.lora_target_modules}")
 
 
 @dataclass
-class DataArguments:
-    dataset_name: str | None = field(
-        default=None,
-        metadata={"help": "A .jsonl/.json/.parquet file, a folder of <split>.<ext> files, or a hub dataset name."})
-    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
-    dataset_split: str = field(default="train", metadata={"help": "Training split."})
-    eval_split: str | None = field(default=None, metadata={"help": "Held-out split for evaluation (e.g. test)."})
-    eval_fraction: float = field(
-        default=0.0, metadata={"help": "Carve this fraction of the training split out as held-out (seeded)."})
+class TokenizeSettings:
+    """Every setting that changes the token ids (its fields go into the fingerprints of the reference cache).
+    `DataArguments` extends it; `data_args.tokenize_settings()` is the copy the data layer takes."""
+
     max_length: int | None = field(
         default=512, metadata={"help": "Max tokens of prompt + completion, per sequence."})
     max_prompt_length: int | None = field(default=None, metadata={"help": "Max prompt tokens (truncated first)."})
@@ -115,23 +103,46 @@ class DataArguments:
         default="keep_start",
         metadata={"help": "keep_start: cut the end of long sequences (and of long prompts); keep_end: cut the "
                   "start of the prompt."})
+
+    def __post_init__(self):
+        if self.truncation_mode not in ("keep_start", "keep_end"):
+            raise ConfigError(f"--truncation_mode must be keep_start or keep_end, got {self.truncation_mode!r}")
+        for name in ("max_length", "max_prompt_length", "max_completion_length"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ConfigError(f"--{name} must be a positive integer or None, got {value!r}")
+        if self.max_length and self.max_prompt_length and self.max_prompt_length >= self.max_length:
+            raise ConfigError(f"--max_prompt_length ({self.max_prompt_length}) must be below --max_length "
+                              f"({self.max_length}) to leave room for the completion.")
+
+    def tokenize_settings(self) -> TokenizeSettings:
+        """The tokenization settings alone (a `DataArguments` holds them among its other fields)."""
+        return TokenizeSettings(**{f.name: getattr(self, f.name) for f in fields(TokenizeSettings)})
+
+
+@dataclass
+class DataArguments(TokenizeSettings):
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "A .jsonl/.json/.parquet file, a folder of <split>.<ext> files, or a hub dataset name."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    dataset_split: str = field(default="train", metadata={"help": "Training split."})
+    eval_split: str | None = field(default=None, metadata={"help": "Held-out split for evaluation (e.g. test)."})
+    eval_fraction: float = field(
+        default=0.0, metadata={"help": "Carve this fraction of the training split out as held-out (seeded)."})
     on_invalid: str = field(
         default="error",
         metadata={"help": "error: stop before training, listing every bad record; skip: drop them and list them "
                   "in invalid_records.jsonl (dpo.py: in --output_dir; the precompute: <output_dir>.invalid_records.jsonl)."})
 
     def __post_init__(self):
-        if self.truncation_mode not in ("keep_start", "keep_end"):
-            raise ValueError(f"--truncation_mode must be keep_start or keep_end, got {self.truncation_mode!r}")
+        TokenizeSettings.__post_init__(self)
         if self.on_invalid not in ("error", "skip"):
-            raise ValueError(f"--on_invalid must be error or skip, got {self.on_invalid!r}")
+            raise ConfigError(f"--on_invalid must be error or skip, got {self.on_invalid!r}")
         if not 0.0 <= self.eval_fraction < 1.0:
-            raise ValueError(f"--eval_fraction must be in [0, 1), got {self.eval_fraction}")
+            raise ConfigError(f"--eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.eval_split and self.eval_fraction:
-            raise ValueError("Give --eval_split or --eval_fraction, not both.")
-        if self.max_length and self.max_prompt_length and self.max_prompt_length >= self.max_length:
-            raise ValueError(f"--max_prompt_length ({self.max_prompt_length}) must be below --max_length "
-                             f"({self.max_length}) to leave room for the completion.")
+            raise ConfigError("Give --eval_split or --eval_fraction, not both.")
 
 
 @dataclass
@@ -174,24 +185,24 @@ class DPOArguments:
             self.loss_type = [self.loss_type]
         unknown = [name for name in self.loss_type if name not in LOSSES]
         if unknown:
-            raise ValueError(f"Unknown --loss_type {unknown}; choose from {sorted(LOSSES)}")
+            raise ConfigError(f"Unknown --loss_type {unknown}; choose from {sorted(LOSSES)}")
         if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
-            raise ValueError(f"--loss_weights has {len(self.loss_weights)} values for "
+            raise ConfigError(f"--loss_weights has {len(self.loss_weights)} values for "
                              f"{len(self.loss_type)} loss types")
         if self.beta <= 0:
-            raise ValueError(f"--beta must be > 0, got {self.beta}")
+            raise ConfigError(f"--beta must be > 0, got {self.beta}")
         if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
-            raise ValueError(f"--ld_alpha must be in [0, 1], got {self.ld_alpha}")
+            raise ConfigError(f"--ld_alpha must be in [0, 1], got {self.ld_alpha}")
         if self.reference_free and self.ref_logprobs:
-            raise ValueError("--reference_free and --ref_logprobs exclude each other.")
+            raise ConfigError("--reference_free and --ref_logprobs exclude each other.")
         if self.sync_ref_model:
             if self.ref_logprobs or self.reference_free:
-                raise ValueError("--sync_ref_model updates a reference model during training: it cannot be used with "
+                raise ConfigError("--sync_ref_model updates a reference model during training: it cannot be used with "
                                  f"{'--ref_logprobs (a cache is fixed)' if self.ref_logprobs else '--reference_free'}.")
             if not 0.0 <= self.ref_model_mixup_alpha <= 1.0:
-                raise ValueError(f"--ref_model_mixup_alpha must be in [0, 1], got {self.ref_model_mixup_alpha}")
+                raise ConfigError(f"--ref_model_mixup_alpha must be in [0, 1], got {self.ref_model_mixup_alpha}")
             if self.ref_model_sync_steps < 1:
-                raise ValueError(f"--ref_model_sync_steps must be >= 1, got {self.ref_model_sync_steps}")
+                raise ConfigError(f"--ref_model_sync_steps must be >= 1, got {self.ref_model_sync_steps}")
 
     def loss_kwargs(self) -> dict:
         """Keyword arguments of `dpo_core.losses.dpo_loss`."""
@@ -233,13 +244,11 @@ class TrainArguments:
         default=None, metadata={"help": "A checkpoint directory, or 'latest' (newest complete one, if any)."})
     max_consecutive_nonfinite: int = field(
         default=3, metadata={"help": "Stop after this many optimizer steps in a row with NaN/Inf loss or gradients."})
-    report_to: str = field(default="tensorboard", metadata={"help": "tensorboard | none."})
+    report_to: list[str] = field(
+        default_factory=lambda: ["tensorboard"],
+        metadata={"help": f"Trackers to log to: {' '.join(TRACKERS)} (several at once), or none."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
-    forward_mode: str = field(
-        default="concat",
-        metadata={"help": "Batch layout of the forward (same log-probs in each): concat (2B padded rows), "
-                  "padding_free (the 2B sequences in one row, no padding), shared_prefix (prompt + chosen + "
-                  "rejected as one sequence per pair, the prompt computed once; sdpa, eager or flex_attention)."})
+    forward_mode: str = field(default="concat", metadata={"help": forward_mode_help()})
     logps_chunk_size: int = field(
         default=1024,
         metadata={"help": "Completion tokens per chunk of the float32 log-softmax over the vocabulary, recomputed "
@@ -255,33 +264,21 @@ class TrainArguments:
 
     def __post_init__(self):
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
-            raise ValueError("Give --max_steps > 0 or --num_train_epochs > 0.")
+            raise ConfigError("Give --max_steps > 0 or --num_train_epochs > 0.")
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                      "logging_steps"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if self.report_to not in ("tensorboard", "none"):
-            raise ValueError(f"--report_to must be tensorboard or none, got {self.report_to!r}")
-        check_forward_mode(self.forward_mode, self.logps_chunk_size)
-
-
-FORWARD_MODES = ("concat", "padding_free", "shared_prefix")
-
-
-def check_forward_mode(forward_mode: str, logps_chunk_size: int) -> None:
-    """`--forward_mode` / `--logps_chunk_size` validation, shared by training and the reference precompute."""
-    if forward_mode not in FORWARD_MODES:
-        raise ValueError(f"--forward_mode must be one of {', '.join(FORWARD_MODES)}, got {forward_mode!r}")
-    if logps_chunk_size < 0:
-        raise ValueError(f"--logps_chunk_size must be >= 0 (0: no chunking), got {logps_chunk_size}")
+                raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if isinstance(self.report_to, str):
+            self.report_to = [self.report_to]
+        check_report_to(self.report_to)
+        check_layout_flags(self.forward_mode, self.logps_chunk_size)
 
 
 def _check_groups(config, flat_cls) -> None:
-    """Runs the `__post_init__` of every group a flat config inherits (Python would run only the first)."""
-    for group in reversed(flat_cls.__mro__[1:]):
-        check = vars(group).get("__post_init__")
-        if check is not None:
-            check(config)
+    """Runs the `__post_init__` of every group a flat config inherits (Python would run only the first's)."""
+    for group in reversed(flat_cls.__bases__):
+        group.__post_init__(config)
 
 
 # The flat configs of the Python API. Every field of the groups, so one object (or one YAML file) holds a
@@ -307,77 +304,3 @@ class SFTConfig(TrainArguments, DataArguments, ModelArguments):
 
     def __post_init__(self):
         _check_groups(self, SFTConfig)
-
-
-def run_cli(main, argv=None) -> None:
-    """Runs a script's `main`; a user error (bad flag, bad data, stale cache, existing run directory) ends
-    with its message and exit code 1 instead of a traceback. `DPO_CORE_TRACEBACK=1` shows the traceback.
-    A run stopped by SIGTERM/SIGUSR1 after committing its checkpoint exits with `PREEMPTED_EXIT_CODE`."""
-    try:
-        main(argv)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as error:
-        if os.environ.get("DPO_CORE_TRACEBACK") == "1" or type(error).__name__ not in _USER_ERRORS:
-            raise
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        sys.exit(1)
-    except Exception as stopped:  # noqa: BLE001 - only the preemption stop is handled here
-        if type(stopped).__name__ != "TrainingPreempted":
-            raise
-        from .training import PREEMPTED_EXIT_CODE
-
-        if os.environ.get("RANK", "0") == "0":  # once per run, not once per process
-            print(str(stopped), flush=True)
-        sys.exit(PREEMPTED_EXIT_CODE)
-
-
-# By name, so that this module does not import the data, cache and loop modules.
-_USER_ERRORS = {"ValueError", "DataValidationError", "RefCacheError", "FileNotFoundError", "FileExistsError",
-                "NonFiniteError"}
-
-_SECRET = re.compile(r"token|secret|password|api_key|apikey|credential", re.IGNORECASE)
-
-
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the scripts' copy-paste launch commands intact and shows every default."""
-
-
-def parse_config(dataclass_types: tuple, argv: list[str] | None = None, description: str | None = None,
-                 yaml_ignore: tuple = ()):
-    """Parses `--config FILE.yaml` then the command line (which overrides the YAML) into dataclasses.
-
-    Unknown YAML keys are an error (a typo must not be silently ignored), except keys of `yaml_ignore`
-    groups: one recipe file serves several scripts (the precompute ignores the optimizer's keys).
-    Returns one instance per type.
-    """
-    parser = HfArgumentParser(dataclass_types, description=description, formatter_class=_HelpFormatter)
-    parser.add_argument("--config", type=str, default=None,
-                        help="YAML file of flag values; flags given on the command line override it.")
-    argv = sys.argv[1:] if argv is None else argv
-    known, _ = parser.parse_known_args(argv)
-    if known.config:
-        values = yaml.safe_load(Path(known.config).read_text()) or {}
-        valid = {f.name for dc in dataclass_types for f in fields(dc)}
-        ignored = {f.name for dc in yaml_ignore for f in fields(dc)} - valid
-        unknown = sorted(set(values) - valid - ignored)
-        if unknown:
-            raise ValueError(f"{known.config}: unknown keys {unknown}")
-        parser.set_defaults(**{k: v for k, v in values.items() if k in valid})
-    # The extra --config flag comes back as one trailing argparse Namespace: drop it.
-    parsed = parser.parse_args_into_dataclasses(argv)
-    return tuple(p for p in parsed if is_dataclass(p))
-
-
-def resolved_config(*configs) -> dict:
-    """All fields of the given dataclasses as one flat dict, with secret-looking values redacted."""
-    out = {}
-    for cfg in configs:
-        for key, value in asdict(cfg).items():
-            out[key] = "<redacted>" if _SECRET.search(key) and value else value
-    return out
-
-
-def save_config(path: str | Path, *configs) -> None:
-    """Writes the resolved configuration as YAML (loadable again with --config)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(json.loads(json.dumps(resolved_config(*configs))), sort_keys=False))

@@ -1,0 +1,29 @@
+"""How the scripts end: a user error as one line `error: ...` (exit 1), a bug with its full traceback."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from .errors import PREEMPTED_EXIT_CODE, TrainingPreempted, UserError
+
+
+def run_cli(main, argv=None) -> None:
+    """Runs a script's `main`.
+
+    A `UserError` (bad flag, bad data, stale cache, existing run directory, missing model, non-finite stop)
+    ends with its message on one line and exit code 1; `DPO_CORE_TRACEBACK=1` shows its traceback too.
+    Every other exception is a bug and propagates with its traceback. A run stopped by SIGTERM/SIGUSR1 after
+    committing its checkpoint exits with `PREEMPTED_EXIT_CODE`.
+    """
+    try:
+        main(argv)
+    except UserError as error:
+        if os.environ.get("DPO_CORE_TRACEBACK") == "1":
+            raise
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    except TrainingPreempted as stopped:
+        if os.environ.get("RANK", "0") == "0":  # once per run, not once per process
+            print(str(stopped), flush=True)
+        sys.exit(PREEMPTED_EXIT_CODE)
