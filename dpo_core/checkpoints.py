@@ -8,15 +8,31 @@ import json
 import os
 import shutil
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from accelerate import Accelerator
 
 from .errors import MissingError, OutputExistsError
 
-if TYPE_CHECKING:
-    from .training import TrainState
+
+@dataclass
+class TrainState:
+    """What, besides model/optimizer/scheduler/RNG, a checkpoint needs to continue exactly."""
+
+    global_step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches of `epoch` already consumed: the data position
+    skipped_steps: int = 0  # optimizer steps skipped because of a non-finite loss or gradient norm
+    consecutive_nonfinite: int = 0
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
 
 COMPLETE = "COMPLETE"  # marker written last into a checkpoint: only marked checkpoints count
 EXAMPLE_IDS = "example_ids"  # the `--log_example_ids` folder of a run

@@ -20,13 +20,13 @@ from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
 from .batches import PairDataset
-from .checkpoints import load_checkpoint, prepare_output_dir, resolve_resume
+from .checkpoints import TrainState, load_checkpoint, prepare_output_dir, resolve_resume
 from .config import resolved_config, save_config
 from .distributed import configure_deepspeed, make_accelerator, shutdown
 from .errors import ConfigError, DataError
 from .modeling import is_peft_model, merge_and_save_adapter, register_adapter_checkpointing
 from .trackers import enabled_trackers, tracker_init_kwargs
-from .training import TrainState, total_steps
+from .training import total_steps
 
 
 @dataclass

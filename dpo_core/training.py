@@ -17,7 +17,6 @@ import os
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -28,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .checkpoints import (
     EXAMPLE_IDS,
+    TrainState,
     checkpoint_dir,
     save_checkpoint,
 )
@@ -36,24 +36,6 @@ from .throughput import processed_tokens
 
 logger = get_logger(__name__)
 
-
-
-@dataclass
-class TrainState:
-    """What, besides model/optimizer/scheduler/RNG, a checkpoint needs to continue exactly."""
-
-    global_step: int = 0
-    epoch: int = 0
-    batches_in_epoch: int = 0  # micro-batches of `epoch` already consumed: the data position
-    skipped_steps: int = 0  # optimizer steps skipped because of a non-finite loss or gradient norm
-    consecutive_nonfinite: int = 0
-
-    def state_dict(self) -> dict:
-        return asdict(self)
-
-    def load_state_dict(self, state: dict) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
 
 
 class MetricWindow:
