@@ -1,19 +1,43 @@
 """--forward_mode and --logps_chunk_size end to end: scripts/dpo.py trains identically (per-step losses read
 back from TensorBoard, 1e-5) and scripts/precompute_ref_logprobs.py writes the same cache in every mode."""
 
+import inspect
+from dataclasses import fields
+
 import pytest
 import torch
 from helpers import read_scalars, run_script, small_dataset
 from safetensors.torch import load_file
 
 from dpo_core.config import PrecomputeArguments, TrainArguments
+from dpo_core.errors import ConfigError
+from dpo_core.layouts import LAYOUTS, forward_mode_help
 
-RUNS = [("concat", "0"), ("padding_free", "7"), ("shared_prefix", "1024")]  # (mode, --logps_chunk_size)
+# (mode, --logps_chunk_size): concat without chunking is the reference; every registered layout runs chunked.
+RUNS = [("concat", "0"), *((mode, chunk) for mode, chunk in zip(LAYOUTS, ["1024", "7", "1024", "3", "5"]))]
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return small_dataset(tmp_path_factory.mktemp("data"), n_train=12, n_test=4)
+
+
+def test_every_layout_is_declared_whole_and_is_what_the_flags_offer():
+    """One `Layout` per name: a collator and a forward of the common signatures, a help text, and the flag's
+    help and validation built from the table (a layout missing any of these fails here)."""
+    assert len(LAYOUTS) >= 3
+    for name, layout in LAYOUTS.items():
+        assert layout.name == name and len(layout.help) > 10, name
+        forward = set(inspect.signature(layout.forward).parameters)
+        assert {"model", "batch", "ld_alpha", "wpo", "chunk_size"} <= forward, name
+        assert "pad_token_id" in inspect.signature(layout.collate).parameters, name
+        assert set(layout.collate_options("eager")) <= set(inspect.signature(layout.collate).parameters), name
+        assert f"{name}: {layout.help}" in forward_mode_help()
+        assert TrainArguments(output_dir="x", forward_mode=name).forward_mode == name
+    help_field = next(f for f in fields(TrainArguments) if f.name == "forward_mode")
+    assert help_field.metadata["help"] == forward_mode_help()
+    with pytest.raises(ConfigError, match=", ".join(LAYOUTS)):
+        TrainArguments(output_dir="x", forward_mode="packed")
 
 
 def test_flags_are_validated(tmp_path):
@@ -47,17 +71,17 @@ def test_dpo_losses_identical_in_every_forward_mode(tiny_model_dir, data_dir, tm
 def test_precompute_cache_identical_in_every_forward_mode(tiny_model_dir, data_dir, tmp_path):
     caches = {}
     for mode, chunk in RUNS:
-        out = tmp_path / f"cache-{mode}"
+        out = tmp_path / f"cache-{mode}-{chunk}"
         run_script("precompute_ref_logprobs.py", [
             "--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(data_dir), "--eval_split", "test",
             "--max_length", "64", "--output_dir", str(out), "--per_device_batch_size", "5",
             "--forward_mode", mode, "--logps_chunk_size", chunk])
-        caches[mode] = {split: load_file(str(out / f"{split}.safetensors")) for split in ("train", "eval")}
+        caches[mode, chunk] = {split: load_file(str(out / f"{split}.safetensors")) for split in ("train", "eval")}
         manifest = (out / "manifest.json").read_text()
         assert mode not in manifest  # the mode is not part of the fingerprint: every mode's cache serves any run
     for mode, cache in caches.items():
         for split, tensors in cache.items():
-            ref = caches["concat"][split]
+            ref = caches["concat", "0"][split]
             assert torch.equal(tensors["ids"], ref["ids"])
             for name in ("chosen_logps", "rejected_logps"):
                 torch.testing.assert_close(tensors[name], ref[name], atol=1e-5, rtol=1e-6, msg=f"{mode} {split}")

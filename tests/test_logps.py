@@ -148,8 +148,9 @@ def test_padding_token_values_do_not_matter(model):
 # float32 rounding), and gradients w.r.t. every parameter to 1e-5 of the largest gradient entry. The plain
 # concat path itself is checked against a float64 per-token loop over separate forwards.
 
-# padding_free in both of its layouts: rows as long as the longest sequence (sdpa/eager), and one row (flash)
-MODES = ["concat", "padding_free", "padding_free_one_row", "shared_prefix"]
+# Every registered layout (a new one is tested here by itself), and padding_free in both of its layouts: rows as
+# long as the longest sequence (sdpa/eager), and one row (flash).
+MODES = [*LAYOUTS, "padding_free_one_row"]
 
 
 def collate(mode, examples):
@@ -160,6 +161,8 @@ def collate(mode, examples):
 
 def forward_of(mode):
     return LAYOUTS[mode.removesuffix("_one_row")].forward
+
+
 FIELDS = ["chosen_logps", "rejected_logps", "chosen_lengths", "rejected_lengths", "chosen_nll",
           "chosen_mean_logits", "rejected_mean_logits", "chosen_wpo_log_weights", "rejected_wpo_log_weights"]
 

@@ -67,9 +67,13 @@ def lora_run(tiny_model_dir, data_dir, tmp_path_factory):
 def test_lora_and_sync_flags_are_validated():
     with pytest.raises(ValueError, match="not both"):
         ModelArguments(use_lora=True, load_in_4bit=True, load_in_8bit=True)
+    from dpo_core.modeling import load_model_from_args
+
     for flag in ("load_in_4bit", "load_in_8bit", "merge_adapter"):
+        # checked where the model is loaded (a directory holding an adapter implies LoRA), before any loading
+        args = ModelArguments(model_name_or_path="no-adapter-here", **{flag: True})
         with pytest.raises(ValueError, match=f"--{flag} needs --use_lora"):
-            ModelArguments(**{flag: True})
+            load_model_from_args(args)
     with pytest.raises(ValueError, match="all-linear stands alone"):
         ModelArguments(use_lora=True, lora_target_modules=["all-linear", "q_proj"])
     with pytest.raises(ValueError, match="lora_r"):
