@@ -20,6 +20,7 @@ import os
 import secrets
 import shutil
 import time
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -95,9 +96,8 @@ def reference_fingerprint(*, ref_model_path: str, revision: str | None, tokenize
         if seed is None:
             raise ValueError("reference_fingerprint: eval_fraction > 0 needs the seed of the carve-out")
         fp["seed_of_eval_fraction"] = seed
-    fp.update(max_length=data_args.max_length, max_prompt_length=data_args.max_prompt_length,
-              max_completion_length=data_args.max_completion_length, truncation_mode=data_args.truncation_mode,
-              torch_dtype=torch_dtype, mixed_precision=str(mixed_precision), ld_alpha=ld_alpha)
+    fp.update(asdict(data_args.tokenize_settings()))  # every setting that changes token ids
+    fp.update(torch_dtype=torch_dtype, mixed_precision=str(mixed_precision), ld_alpha=ld_alpha)
     if quantization is not None:
         fp["quantization"] = quantization
     for split in sorted(examples_by_split):

@@ -35,7 +35,7 @@ def test_every_layout_is_declared_whole_and_is_what_the_flags_offer():
         assert f"{name}: {layout.help}" in forward_mode_help()
         assert TrainArguments(output_dir="x", forward_mode=name).forward_mode == name
     help_field = next(f for f in fields(TrainArguments) if f.name == "forward_mode")
-    assert help_field.metadata["help"] == forward_mode_help()
+    assert help_field.metadata["help"] == forward_mode_help() and help_field.metadata["choices"] == list(LAYOUTS)
     with pytest.raises(ConfigError, match=", ".join(LAYOUTS)):
         TrainArguments(output_dir="x", forward_mode="packed")
 

@@ -1,6 +1,8 @@
 """The tracker registry: `--report_to` is validated against it, a missing package is named with its pip extra
 before anything loads, and each tracker's start-up arguments come from its one entry."""
 
+from dataclasses import fields
+
 import pytest
 
 from dpo_core import trackers
@@ -16,6 +18,8 @@ def test_report_to_takes_the_registered_trackers_or_none():
         TrainArguments(output_dir="x", report_to=["tensorbord"])
     with pytest.raises(ConfigError, match="none stands alone"):
         TrainArguments(output_dir="x", report_to=["none", "tensorboard"])
+    choices = next(f for f in fields(TrainArguments) if f.name == "report_to").metadata["choices"]
+    assert choices == [*trackers.TRACKERS, "none"]  # the flag's choices come from the registry
     assert trackers.enabled_trackers(["none"]) == []
     assert trackers.enabled_trackers(["tensorboard", "tensorboard"]) == ["tensorboard"]
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 from ..errors import ConfigError
-from ..layouts import check_layout_flags, forward_mode_help
+from ..layouts import LAYOUTS, check_layout_flags, forward_mode_help
 from ..losses import LOSSES
-from ..trackers import TRACKERS, check_report_to
+from ..trackers import NONE, TRACKERS, check_report_to
 
 
 @dataclass
@@ -246,9 +246,9 @@ class TrainArguments:
         default=3, metadata={"help": "Stop after this many optimizer steps in a row with NaN/Inf loss or gradients."})
     report_to: list[str] = field(
         default_factory=lambda: ["tensorboard"],
-        metadata={"help": f"Trackers to log to: {' '.join(TRACKERS)} (several at once), or none."})
+        metadata={"help": "Trackers to log to (several at once), or none.", "choices": [*TRACKERS, NONE]})
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
-    forward_mode: str = field(default="concat", metadata={"help": forward_mode_help()})
+    forward_mode: str = field(default="concat", metadata={"help": forward_mode_help(), "choices": list(LAYOUTS)})
     logps_chunk_size: int = field(
         default=1024,
         metadata={"help": "Completion tokens per chunk of the float32 log-softmax over the vocabulary, recomputed "

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from ..errors import ConfigError
-from ..layouts import check_layout_flags, forward_mode_help
+from ..layouts import LAYOUTS, check_layout_flags, forward_mode_help
 
 
 @dataclass
@@ -22,7 +22,8 @@ class PrecomputeArguments:
         default=42, metadata={"help": "Seed of the --eval_fraction carve-out; must equal dpo.py's --seed."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing cache at --output_dir."})
     forward_mode: str = field(
-        default="concat", metadata={"help": forward_mode_help() + " It need not match dpo.py's."})
+        default="concat",
+        metadata={"help": forward_mode_help() + " It need not match dpo.py's.", "choices": list(LAYOUTS)})
     logps_chunk_size: int = field(
         default=1024, metadata={"help": "Completion tokens per chunk of the log-softmax; 0: full logits."})
 
