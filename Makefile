@@ -5,7 +5,7 @@ PIP := $(PYTHON) -m pip
 RUN := runs/quickstart
 CPU := accelerate launch --config_file accelerate_configs/cpu.yaml
 
-.PHONY: install install-test quickstart test lint
+.PHONY: install install-test quickstart test test-fast lint
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
@@ -32,6 +32,11 @@ quickstart: install
 
 test: install-test lint
 	$(PYTHON) -m pytest -q -p no:cacheprovider tests
+
+# Unit tests only (no multi-process launches, end-to-end script runs or long training: those are marked slow),
+# under 3 minutes on 2 CPU cores. Installs nothing: run it where `make install-test` has been run once.
+test-fast:
+	$(PYTHON) -m pytest -q -p no:cacheprovider -m "not slow and not gpu" tests
 
 lint:
 	$(PYTHON) -m ruff check dpo_core scripts tests

@@ -1,8 +1,16 @@
 """Shared fixtures: the tiny demo model and tokenizer, built once per test session."""
 
+import os
+from pathlib import Path
+
 import pytest
 
 from dpo_core.demo import build_tiny_model
+
+# The scripts the tests start (`python scripts/X.py`, `accelerate launch`) import the dpo_core of this checkout,
+# not the one installed elsewhere (an editable install of another clone or worktree).
+_ROOT = str(Path(__file__).resolve().parents[1])
+os.environ["PYTHONPATH"] = os.pathsep.join([_ROOT, *filter(None, [os.environ.get("PYTHONPATH")])])
 
 
 @pytest.fixture(scope="session")

@@ -124,6 +124,7 @@ def test_shipped_data_short_run_lifts_heldout_accuracy(tiny_model_dir, tmp_path)
     assert results(out)["eval_rewards/margins"] > 0
 
 
+@pytest.mark.slow
 def test_bad_records_are_listed_by_the_script(tiny_model_dir, tmp_path):
     bad = tmp_path / "bad.jsonl"
     rows = ['{"prompt": "Hi", "chosen": "Hello there.", "rejected": "Go away."}',
@@ -165,6 +166,7 @@ def test_cached_reference_gives_the_online_reference_losses_and_rewards(tiny_mod
             assert cached[tag][step] == pytest.approx(value, abs=1e-5), (tag, step)
 
 
+@pytest.mark.slow
 def test_user_errors_end_with_a_message_not_a_traceback(tiny_model_dir, data_dir, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")

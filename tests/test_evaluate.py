@@ -91,6 +91,7 @@ def naive_logps(model, prompt, completion):
     return total, rows
 
 
+@pytest.mark.slow
 def test_metrics_equal_a_naive_float64_recomputation(setup):
     tok = load_tokenizer(str(setup["ref"]))
     pol = load_model(str(setup["pol"]), trainable=False).double()
@@ -134,6 +135,7 @@ def test_metrics_equal_a_naive_float64_recomputation(setup):
     assert reference["perplexity"] == pytest.approx(math.exp(ref_nll / n_tokens), rel=1e-3)
 
 
+@pytest.mark.slow
 def test_a_model_against_itself(setup):
     models = results(setup["one"])["models"]
     same = models["same"]
@@ -146,6 +148,7 @@ def test_a_model_against_itself(setup):
     assert models["pol"]["kl_sampled"]["mean"] > 0
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_results_of_one(setup):
     assert "num_processes 2" in setup["stdout2"] and "num_processes 1" in setup["stdout"]
     one, two = results(setup["one"]), results(setup["two"])
@@ -170,6 +173,7 @@ def test_two_processes_give_the_results_of_one(setup):
     assert [s["answers"] for s in samples[0]] == [s["answers"] for s in samples[1]]
 
 
+@pytest.mark.slow
 def test_win_rate_from_reward_scores_recomputed(setup):
     from transformers import AutoModelForSequenceClassification
 
@@ -193,6 +197,7 @@ def test_win_rate_from_reward_scores_recomputed(setup):
     assert got["num_prompts"] == 3 and ties < 3  # the policy answers differently from the reference
 
 
+@pytest.mark.slow
 def test_table_png_and_training_curves(setup):
     table = [line for line in setup["stdout"].splitlines() if line.startswith("|")]
     assert table[0] == "| metric | reference | pol | same |"
@@ -210,6 +215,7 @@ def test_table_png_and_training_curves(setup):
         read_training_curves(setup["data"])
 
 
+@pytest.mark.slow
 def test_sampled_kl_matches_exact_enumeration(setup):
     """Two new tokens at most: KL(pi || ref) = sum_y1 p(y1) [log p(y1)/q(y1) + (y1 != EOS) KL(p(.|y1) || q(.|y1))],
     enumerated over the whole vocabulary in float64; the estimate from 2000 samples is within 4 standard errors."""

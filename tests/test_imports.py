@@ -26,6 +26,7 @@ def test_module_imports_without_side_effects(name):
     assert torch.get_num_threads() == state[2]
 
 
+@pytest.mark.slow  # one interpreter per script, importing torch and transformers: ~2-3.5 s each
 @pytest.mark.parametrize("script", SCRIPTS, ids=[s.name for s in SCRIPTS])
 def test_script_help_runs(script):
     proc = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, cwd=ROOT)
@@ -43,6 +44,7 @@ def test_every_config_field_has_help():
             assert len(f.metadata.get("help", "")) > 5, f"{group.__name__}.{f.name} has no help"
 
 
+@pytest.mark.slow
 def test_dpo_help_lists_the_documented_flags():
     proc = subprocess.run([sys.executable, "scripts/dpo.py", "--help"], capture_output=True, text=True, cwd=ROOT)
     for flag in ("--model_name_or_path", "--dataset_name", "--dataset_split", "--eval_split", "--output_dir",

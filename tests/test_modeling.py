@@ -222,6 +222,7 @@ def test_a_saved_adapter_is_a_starting_policy_for_dpo_and_the_precompute(lora_ru
         assert value == pytest.approx(losses[step], abs=1e-5), step
 
 
+@pytest.mark.slow
 def test_adapter_fingerprint_changes_with_the_adapter_weights(lora_run, tmp_path):
     import shutil
 
