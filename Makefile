@@ -39,4 +39,4 @@ test-fast:
 	$(PYTHON) -m pytest -q -p no:cacheprovider -m "not slow and not gpu" tests
 
 lint:
-	$(PYTHON) -m ruff check dpo_core scripts tests
+	$(PYTHON) -m ruff check dpo_core scripts tests benchmarks
