@@ -1,11 +1,11 @@
-"""Preference data: loading, validation, chat templates, tokenization, truncation and collation.
+"""Preference data: validation, chat templates, tokenization and truncation (TRL's convention).
 
     records = load_splits("data/demo", split="train", eval_split="test")       # {"train": [...], "eval": [...]}
     examples, problems = tokenize_records(records["train"], tokenizer, TokenizeSettings(max_length=512))
     check_problems(problems, on_invalid="skip", report_path="run/invalid_records.jsonl")
-    batch = collate_concat(examples[:8], tokenizer.pad_token_id)            # 2B rows: chosen, then rejected
 
-Reading raw rows and reporting bad ones lives in `dpo_core.records`; its names are re-exported here.
+Reading raw rows and reporting bad ones lives in `dpo_core.records` (its names are re-exported here); batching
+the tokenized pairs in `dpo_core.batches`.
 
 Tokenization follows TRL 1.16 (`DPOTrainer._prepare_dataset`) token for token, so reference log-probs
 computed by either tool agree for the same model and data. The deliberate differences are safety nets

@@ -1,4 +1,5 @@
-"""Per-sequence log-probs of preference pairs: the concatenated chosen/rejected forward.
+"""Per-sequence log-probs of preference pairs: the forward of each batch layout (concatenated, padding-free,
+shared-prefix).
 
 A DPO step needs, for every pair, log pi(chosen | prompt) and log pi(rejected | prompt) summed over
 the completion tokens only. `concatenated_forward` runs chosen and rejected rows through the model

@@ -1,11 +1,10 @@
-"""The accelerate training loop shared by the scripts: accumulation, clipping, non-finite guard,
-logging, evaluation, checkpoints and resume.
+"""The training loop shared by every method: accumulation, clipping, the non-finite guard, logging,
+evaluation, checkpoints and preemption.
 
-The loop knows nothing about DPO: a script passes `step_fn(model, batch) -> (loss, stats)`, where
-`stats` maps metric names (TRL's: `loss`, `rewards/chosen`, ...) to per-example `(B,)` tensors
-(averaged over all examples of all processes in a logging window) or to scalar tensors (averaged over
-micro-batches). Everything distributed goes
-through `Accelerator`.
+The loop knows nothing about DPO: a method passes `step_fn(model, batch) -> (loss, stats)`, where `stats` maps
+metric names (TRL's: `loss`, `rewards/chosen`, ...) to per-example `(B,)` tensors (averaged over all examples
+of all processes in a logging window) or to scalar tensors (averaged over micro-batches). Everything
+distributed goes through `Accelerator`; setting a run up is `dpo_core.runs`.
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ from .checkpoints import (
     checkpoint_dir,
     save_checkpoint,
 )
-from .errors import PREEMPTED_EXIT_CODE, ConfigError, NonFiniteError, TrainingPreempted  # noqa: F401  (re-exported)
+from .errors import ConfigError, NonFiniteError, TrainingPreempted
 from .throughput import processed_tokens
 
 logger = get_logger(__name__)
