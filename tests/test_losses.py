@@ -595,3 +595,24 @@ def test_dpo_arguments_pass_reference_free_settings():
     x = torch.tensor([-1.0, -2.0])
     dpo_loss(x, x - 1, None, None, **kwargs, chosen_lengths=torch.ones(2), rejected_lengths=torch.ones(2),
              chosen_nll=-x)
+
+
+def test_dpo_step_runs_nothing_on_a_reference_for_reference_free_losses():
+    """`make_dpo_step` with orpo: the reference model is never called, TRL's ORPO metrics are in the stats."""
+    from dpo_core.dpo import make_dpo_step
+
+    pc, pr = torch.tensor([-4.0, -9.0]), torch.tensor([-6.0, -3.0])
+    out = SimpleNamespace(chosen_logps=pc, rejected_logps=pr, chosen_lengths=torch.tensor([2, 3]),
+                          rejected_lengths=torch.tensor([3, 1]), chosen_nll=-pc, chosen_wpo_log_weights=None,
+                          rejected_wpo_log_weights=None, chosen_mean_logits=pc, rejected_mean_logits=pr)
+    calls = []
+
+    def forward(model, batch, **kwargs):
+        calls.append(model)
+        return out
+
+    step = make_dpo_step(DPOArguments(loss_type=["orpo"]), forward=forward, ref_model="reference")
+    loss, stats = step("policy", {})
+    assert calls == ["policy"] and torch.isfinite(loss)
+    assert {"log_odds_ratio", "log_odds_chosen", "nll_loss"} <= set(stats)
+    torch.testing.assert_close(stats["nll_loss"], torch.full((2,), 13.0 / 5.0))
