@@ -19,7 +19,7 @@ from .config import DPOConfig
 from .distributed import prepare_reference
 from .errors import ConfigError
 from .layouts import make_collator, make_forward
-from .losses import dpo_loss, preference_metrics, tie_tolerance
+from .losses import dpo_loss, orpo_metrics, preference_metrics, tie_tolerance
 from .modeling import (
     adapter_reference,
     add_reference_adapter,
@@ -38,12 +38,14 @@ from .training import train_loop
 
 def make_dpo_step(dpo_args, *, forward, ref_model=None, ref_context=contextlib.nullcontext):
     """The DPO step: `(model, batch) -> (mean loss, stats)`; reference from the batch (cache) or `ref_model`
-    (its forward runs inside `ref_context()`: for LoRA, the policy itself with the adapter disabled)."""
+    (its forward runs inside `ref_context()`: for LoRA, the policy itself with the adapter disabled). Nothing
+    is computed on the reference when no --loss_type needs it (simpo, cpo, orpo) or with --reference_free."""
     loss_kwargs = dpo_args.loss_kwargs()
+    uses_reference = dpo_args.uses_reference()
 
     def step(model, batch):
         out = forward(model, batch, ld_alpha=dpo_args.ld_alpha, wpo=dpo_args.use_weighting)
-        if dpo_args.reference_free:
+        if not uses_reference:
             ref_chosen = ref_rejected = None
         elif "ref_chosen_logps" in batch:
             ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
@@ -61,6 +63,9 @@ def make_dpo_step(dpo_args, *, forward, ref_model=None, ref_context=contextlib.n
                  "logps/chosen": out.chosen_logps.detach(), "logps/rejected": out.rejected_logps.detach(),
                  "logits/chosen": out.chosen_mean_logits.detach(),
                  "logits/rejected": out.rejected_mean_logits.detach()}
+        if "orpo" in dpo_args.loss_type:  # TRL's ORPO metrics: log_odds_ratio, log_odds_chosen, nll_loss
+            stats.update(orpo_metrics(out.chosen_logps, out.rejected_logps, out.chosen_lengths, out.rejected_lengths,
+                                      out.chosen_nll))
         return losses.mean(), stats
 
     return step
@@ -108,14 +113,16 @@ def setup_dpo(accelerator: Accelerator, model_args, data_args, dpo_args, train_a
                                                        report_path=report_path)
     require_examples(examples, data_args)
     cache, ref_model, adapter_ref = None, None, False
-    if dpo_args.ref_logprobs:
+    if not dpo_args.uses_reference():
+        pass  # --reference_free, or only reference-free losses (simpo, cpo, orpo): no reference model or cache
+    elif dpo_args.ref_logprobs:
         cache = load_reference_cache(dpo_args.ref_logprobs, model_args=model_args, data_args=data_args,
                                      dpo_args=dpo_args, tokenizer=tokenizer, records=records, examples=examples,
                                      mixed_precision=accelerator.mixed_precision, seed=train_args.seed)
-    elif lora and not dpo_args.reference_free and not model_args.ref_model_name_or_path:
+    elif lora and not model_args.ref_model_name_or_path:
         # The policy itself is the reference (set after `prepare`): no second copy of the base weights.
         adapter_ref, ref_adapter = True, add_reference_adapter(model, model_args)
-    elif not dpo_args.reference_free:
+    else:
         ref_model = load_model_from_args(model_args, model_args.reference_path(), trainable=False)
 
     def collate(split):

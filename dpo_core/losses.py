@@ -13,6 +13,10 @@ checks them against it in float64. Deliberate differences, each repeated where i
 - ``alpha_divergence`` works in float64 (TRL raises ``KeyError``); ``sft`` works with WPO (TRL raises).
 - ``exo_pair`` takes ``log(epsilon)`` in double precision (TRL: float32, ~1e-7 relative apart).
 
+The reference-free relatives ``simpo``, ``cpo`` and ``orpo`` follow TRL 1.16's ``trl.experimental``
+``CPOTrainer`` and ``ORPOTrainer`` instead (their ``needs_reference`` is False: see :func:`needs_reference`);
+their differences are in their docstrings.
+
 LD-DPO (``ld_alpha``, arXiv 2409.06411) is not here: it down-weights the completion tokens beyond the
 shorter completion of a pair in the log-probs themselves (policy and reference alike), so it lives in
 ``dpo_core/logps.py``, and the log-probs passed here already include it.
@@ -39,6 +43,7 @@ class LossInputs:
     ``*_logratios`` are ``policy - reference`` log-probs; ``*_scores`` are the same after the f-divergence
     (equal to the log-ratios for ``reverse_kl``). ``*_lengths`` count completion tokens (may be 0) and
     ``chosen_nll`` is ``-sum log p`` over the chosen completion; they are ``None`` when not given.
+    ``simpo_gamma``, ``cpo_alpha`` and ``alphapo_alpha`` are read by ``simpo``/``cpo`` (TRL's ``CPOConfig``).
     """
 
     policy_chosen_logps: Tensor
@@ -55,6 +60,9 @@ class LossInputs:
     chosen_lengths: Tensor | None = None
     rejected_lengths: Tensor | None = None
     chosen_nll: Tensor | None = None
+    simpo_gamma: float = 0.5
+    cpo_alpha: float = 1.0
+    alphapo_alpha: float = 0.0
 
     @property
     def delta_score(self) -> Tensor:
@@ -102,30 +110,47 @@ F_DIVERGENCES: dict[str, Callable[[Tensor, float], Tensor]] = {
 # ---------------------------------------------------------------------------------------------------------
 # The registry. A loss declares the optional inputs it needs, whether it is defined on f-divergence scores
 # (TRL's list: the reparameterisation's log Z(x) only cancels in the chosen - rejected score difference)
-# and whether WPO weights make sense for it (not for the losses that sort the batch).
+# whether WPO weights make sense for it (not for the losses that sort the batch), and whether it reads the
+# reference at all. A reference-free loss names the ``(chosen, rejected)`` rewards TRL logs for it
+# (``rewards``); the default is DPO's implicit reward ``beta * (policy - reference)``.
+
+RewardFn = Callable[[LossInputs], tuple[Tensor, Tensor]]
 
 
 class _LossSpec(NamedTuple):
     requires: tuple[str, ...]
     f_divergence: bool
     wpo: bool
+    needs_reference: bool = True
+    rewards: RewardFn | None = None
 
 
 LOSSES: dict[str, Callable[[LossInputs], Tensor]] = {}
 _SPECS: dict[str, _LossSpec] = {}
 
 
-def register(name: str, *, requires: tuple[str, ...] = (), f_divergence: bool = False, wpo: bool = True):
-    """Decorator adding ``fn(inputs: LossInputs) -> (B,) Tensor`` to ``LOSSES`` under ``name``."""
+def register(name: str, *, requires: tuple[str, ...] = (), f_divergence: bool = False, wpo: bool = True,
+             needs_reference: bool = True, rewards: RewardFn | None = None):
+    """Decorator adding ``fn(inputs: LossInputs) -> (B,) Tensor`` to ``LOSSES`` under ``name``.
+
+    ``needs_reference=False``: the loss never reads the reference log-probs (no reference is loaded when every
+    chosen loss is so); ``rewards(inputs) -> (chosen, rejected)`` are then the rewards TRL logs for it.
+    """
 
     def decorator(fn: Callable[[LossInputs], Tensor]) -> Callable[[LossInputs], Tensor]:
         if name in LOSSES:
             raise ValueError(f"loss {name!r} is already registered")
         LOSSES[name] = fn
-        _SPECS[name] = _LossSpec(tuple(requires), f_divergence, wpo)
+        _SPECS[name] = _LossSpec(tuple(requires), f_divergence, wpo, needs_reference, rewards)
         return fn
 
     return decorator
+
+
+def needs_reference(loss_types: str | Sequence[str]) -> bool:
+    """Whether any of ``loss_types`` reads the reference log-probs (unknown names count as needing it)."""
+    loss_types = [loss_types] if isinstance(loss_types, str) else loss_types
+    return any(name not in _SPECS or _SPECS[name].needs_reference for name in loss_types)
 
 
 def _per_token(scores: Tensor, lengths: Tensor) -> Tensor:
@@ -265,8 +290,7 @@ def sft_loss(x: LossInputs) -> Tensor:
     Token-averaged over the batch like TRL, ``sum(chosen_nll) / sum(chosen_lengths)``, repeated as ``(B,)``.
     TRL gives nan for a batch without chosen tokens; we divide by at least 1.
     """
-    # A materialised (B,) tensor, not an expand() view: TRL's in-place WPO multiply fails on the view.
-    return (x.chosen_nll.sum() / x.chosen_lengths.sum().clamp(min=1)) * torch.ones_like(x.chosen_nll)
+    return _batch_nll(x)
 
 
 @register("sigmoid_norm", requires=("chosen_lengths", "rejected_lengths"), f_divergence=True)
@@ -280,10 +304,127 @@ def sigmoid_norm_loss(x: LossInputs) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Reference-free relatives (TRL 1.16 ``trl.experimental.cpo`` / ``trl.experimental.orpo``): functions of the
+# policy log-probs alone. Their NLL term, like ``sft``'s, is TRL's token mean over the batch's chosen completion
+# tokens, ``sum(chosen_nll) / sum(chosen_lengths)``, repeated as a (B,) vector: its mean is TRL's number and its
+# gradient TRL's gradient (a per-pair split ``chosen_nll * B / sum(chosen_lengths)`` has the same mean; the
+# repeated form keeps one convention with ``sft``).
+
+
+def _batch_nll(x: LossInputs) -> Tensor:
+    """TRL's ``nll_loss``: cross-entropy mean over all chosen completion tokens of the batch, as ``(B,)``.
+
+    TRL gives nan for a batch without chosen tokens; we divide by at least 1. A materialised tensor, not an
+    ``expand()`` view (WPO multiplies it).
+    """
+    return (x.chosen_nll.sum() / x.chosen_lengths.sum().clamp(min=1)) * torch.ones_like(x.chosen_nll)
+
+
+def _alphapo_reward(logps: Tensor, alpha: float) -> Tensor:
+    """AlphaPO's reward (arXiv 2501.03884 Eq. 6 up to beta): ``(1 - p^(-alpha)) / alpha``, ``p = exp(logps)``,
+    written ``-expm1(-alpha logps) / alpha`` (TRL: ``(1 - exp(logps).pow(-alpha)) / alpha``; equal in float64 up to
+    rounding, and finite where ``exp(logps)`` underflows); ``alpha = 0`` is its limit, ``logps`` itself.
+    """
+    if alpha == 0.0:
+        return logps
+    return -torch.expm1(-alpha * logps) / alpha
+
+
+def _simpo_rewards(x: LossInputs) -> tuple[Tensor, Tensor]:
+    """``beta * r`` on mean token log-probs, as TRL's CPO logs them for ``loss_type="simpo"``."""
+    chosen = _alphapo_reward(_per_token(x.policy_chosen_logps, x.chosen_lengths), x.alphapo_alpha)
+    rejected = _alphapo_reward(_per_token(x.policy_rejected_logps, x.rejected_lengths), x.alphapo_alpha)
+    return x.beta * chosen.detach(), x.beta * rejected.detach()
+
+
+def _cpo_rewards(x: LossInputs) -> tuple[Tensor, Tensor]:
+    """``beta * r`` on summed log-probs, as TRL's CPO logs them for ``loss_type="sigmoid"``."""
+    chosen = _alphapo_reward(x.policy_chosen_logps, x.alphapo_alpha)
+    rejected = _alphapo_reward(x.policy_rejected_logps, x.alphapo_alpha)
+    return x.beta * chosen.detach(), x.beta * rejected.detach()
+
+
+def _orpo_rewards(x: LossInputs) -> tuple[Tensor, Tensor]:
+    """``beta * mean token log-prob``, as TRL's ORPO logs them."""
+    chosen = _per_token(x.policy_chosen_logps, x.chosen_lengths)
+    rejected = _per_token(x.policy_rejected_logps, x.rejected_lengths)
+    return x.beta * chosen.detach(), x.beta * rejected.detach()
+
+
+@register("simpo", requires=("chosen_lengths", "rejected_lengths", "chosen_nll"), needs_reference=False,
+          rewards=_simpo_rewards)
+def simpo_loss(x: LossInputs) -> Tensor:
+    """SimPO, arXiv 2405.14734 Eq. 6 (TRL CPO ``loss_type="simpo"``), plus TRL's ``cpo_alpha`` NLL, ``(B,)``.
+
+    With ``r = mean token log-prob`` (AlphaPO's ``(1 - p^-alpha) / alpha`` of it for ``alphapo_alpha != 0``,
+    arXiv 2501.03884; TRL ``CPOConfig.alpha``) and ``z = beta (r_c - r_r) - gamma``:
+    ``-(1 - ls) log sigma(z) - ls log sigma(-z) + cpo_alpha * NLL`` (``cpo_alpha = 0``: pure SimPO, TRL's
+    default 1.0 is CPO-SimPO). An empty completion averages to 0 (``_per_token``); TRL divides 0 by 0 (nan).
+    """
+    chosen = _alphapo_reward(_per_token(x.policy_chosen_logps, x.chosen_lengths), x.alphapo_alpha)
+    rejected = _alphapo_reward(_per_token(x.policy_rejected_logps, x.rejected_lengths), x.alphapo_alpha)
+    losses = _smoothed_logistic(x.beta * (chosen - rejected) - x.simpo_gamma, x.label_smoothing)
+    return losses + x.cpo_alpha * _batch_nll(x) if x.cpo_alpha else losses
+
+
+@register("cpo", requires=("chosen_nll", "chosen_lengths"), needs_reference=False, rewards=_cpo_rewards)
+def cpo_loss(x: LossInputs) -> Tensor:
+    """CPO, arXiv 2401.08417 Eq. 3 (TRL CPO ``loss_type="sigmoid"``), ``(B,)``: ``-(1 - ls) log sigma(z)
+    - ls log sigma(-z) + cpo_alpha * NLL`` with ``z = beta (r_c - r_r)`` on summed log-probs ``r`` (AlphaPO's
+    transform of them for ``alphapo_alpha != 0``, as TRL's ``alpha``).
+    """
+    chosen = _alphapo_reward(x.policy_chosen_logps, x.alphapo_alpha)
+    rejected = _alphapo_reward(x.policy_rejected_logps, x.alphapo_alpha)
+    losses = _smoothed_logistic(x.beta * (chosen - rejected), x.label_smoothing)
+    return losses + x.cpo_alpha * _batch_nll(x) if x.cpo_alpha else losses
+
+
+def _log1mexp(x: Tensor) -> Tensor:
+    """``log(1 - exp(x))`` for ``x <= 0``, branching at ``-ln 2`` (Maechler 2012), exactly TRL's ``log1mexp``."""
+    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def _orpo_log_odds(x: LossInputs) -> Tensor:
+    """``log odds(y_c) - log odds(y_r)`` on mean token log-probs, ``odds = p / (1 - p)`` (ORPO Eq. 5), ``(B,)``.
+
+    Computed in at least float32 (TRL casts to float32; float64 stays float64). A mean log-prob of 0 (an empty
+    completion, or probability 1 in the dtype) would give ``log(1 - p) = -inf`` and a nan gradient (TRL: nan
+    already in the mean); it is clamped to ``-tiny``: finite, and no gradient through the odds of that pair.
+    """
+    dtype = torch.promote_types(x.policy_chosen_logps.dtype, torch.float32)
+    tiny = torch.finfo(dtype).tiny
+    chosen = _per_token(x.policy_chosen_logps.to(dtype), x.chosen_lengths).clamp(max=-tiny)
+    rejected = _per_token(x.policy_rejected_logps.to(dtype), x.rejected_lengths).clamp(max=-tiny)
+    return (chosen - rejected) - (_log1mexp(chosen) - _log1mexp(rejected))
+
+
+@register("orpo", requires=("chosen_lengths", "rejected_lengths", "chosen_nll"), needs_reference=False,
+          rewards=_orpo_rewards)
+def orpo_loss(x: LossInputs) -> Tensor:
+    """ORPO, arXiv 2403.07691 Eq. 6-7 (TRL ``ORPOTrainer``), ``(B,)``: ``NLL - beta log sigma(log_odds)``,
+    ``beta`` being ORPO's lambda. NLL: TRL's ORPO also counts the chosen prompt tokens (labels from the
+    attention mask); ours, as the paper's L_SFT and TRL's CPO, only the chosen completion tokens.
+    """
+    return (_batch_nll(x) - x.beta * F.logsigmoid(_orpo_log_odds(x))).to(x.policy_chosen_logps.dtype)
+
+
+def orpo_metrics(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, chosen_lengths: Tensor,
+                 rejected_lengths: Tensor, chosen_nll: Tensor) -> dict[str, Tensor]:
+    """The extra metrics TRL's ORPO logs, as ``(B,)`` tensors whose means are TRL's numbers (detached):
+    ``log_odds_ratio`` (``log sigma(log_odds)``), ``log_odds_chosen`` (``log_odds``) and ``nll_loss``."""
+    zeros = torch.zeros_like(policy_chosen_logps)
+    x = LossInputs(policy_chosen_logps.detach(), policy_rejected_logps.detach(), zeros, zeros, zeros, zeros,
+                   zeros, zeros, beta=1.0, label_smoothing=0.0, discopop_tau=1.0, chosen_lengths=chosen_lengths,
+                   rejected_lengths=rejected_lengths, chosen_nll=chosen_nll.detach())
+    log_odds = _orpo_log_odds(x)
+    return {"log_odds_ratio": F.logsigmoid(log_odds), "log_odds_chosen": log_odds, "nll_loss": _batch_nll(x)}
+
+
+# ---------------------------------------------------------------------------------------------------------
 
 
 def _validate(loss_types: list[str], weights: list[float], tensors: dict[str, Tensor | None], beta: float,
-              label_smoothing: float, f_divergence_type: str) -> None:
+              label_smoothing: float, f_divergence_type: str, simpo_gamma: float, cpo_alpha: float) -> None:
     """Raise ``ValueError`` for any combination TRL rejects, or that would give nan or a wrong shape."""
     if not loss_types or len(weights) != len(loss_types):
         raise ConfigError(f"loss_weights has {len(weights)} entries for {len(loss_types)} loss types {loss_types}; "
@@ -310,6 +451,10 @@ def _validate(loss_types: list[str], weights: list[float], tensors: dict[str, Te
     if "exo_pair" in loss_types and not 0.0 < label_smoothing < 1.0:
         # log(eps) and log(1 - eps) must be finite; the EXO paper recommends eps = 1e-3.
         raise ConfigError(f"'exo_pair' needs label_smoothing (epsilon) in (0, 1), got {label_smoothing}; try 1e-3")
+    if cpo_alpha < 0:
+        raise ConfigError(f"cpo_alpha (the weight of the chosen NLL) must be >= 0, got {cpo_alpha}")
+    if simpo_gamma < 0:
+        raise ConfigError(f"simpo_gamma (SimPO's target reward margin) must be >= 0, got {simpo_gamma}")
     if tensors["ref_chosen_logps"] is None or tensors["ref_rejected_logps"] is None:
         raise ValueError("ref_chosen_logps and ref_rejected_logps are required unless reference_free=True")
     if use_wpo and (tensors["chosen_wpo_log_weights"] is None or tensors["rejected_wpo_log_weights"] is None):
@@ -334,6 +479,9 @@ def dpo_loss(
     f_divergence_type: str = "reverse_kl",
     f_alpha_divergence_coef: float = 0.5,
     discopop_tau: float = 0.05,
+    simpo_gamma: float = 0.5,
+    cpo_alpha: float = 1.0,
+    alphapo_alpha: float = 0.0,
     chosen_lengths: Tensor | None = None,
     rejected_lengths: Tensor | None = None,
     chosen_nll: Tensor | None = None,
@@ -345,24 +493,29 @@ def dpo_loss(
     Args:
         policy_chosen_logps, policy_rejected_logps: ``(B,)`` summed completion log-probs of the policy.
         ref_chosen_logps, ref_rejected_logps: ``(B,)`` the same under the reference (ignored, may be None,
-            when ``reference_free``: the reference log-probs are then zero).
+            when ``reference_free`` or when no loss needs one (:func:`needs_reference`): they are then zero).
         loss_type: a name in ``LOSSES`` or a list of them; ``loss_weights`` (default all 1.0) weights each.
         beta: inverse temperature (IPO's tau); label_smoothing: cDPO/rDPO flip rate, EXO's epsilon.
         f_divergence_type, f_alpha_divergence_coef: f-DPO regulariser, see ``F_DIVERGENCES``.
         discopop_tau: DiscoPOP temperature.
-        chosen_lengths, rejected_lengths: ``(B,)`` completion token counts (``ipo``, ``sigmoid_norm``, ``sft``).
-        chosen_nll: ``(B,)`` ``-sum log p`` over the chosen completion tokens (``sft``).
+        simpo_gamma: SimPO's target margin; cpo_alpha: weight of the chosen NLL in ``cpo``/``simpo`` (TRL's
+            ``CPOConfig``); alphapo_alpha: AlphaPO's reward shape for ``simpo``/``cpo`` (0: log-prob reward).
+        chosen_lengths, rejected_lengths: ``(B,)`` completion token counts (``ipo``, ``sigmoid_norm``, ``sft``,
+            ``simpo``, ``cpo``, ``orpo``).
+        chosen_nll: ``(B,)`` ``-sum log p`` over the chosen completion tokens (``sft``, ``simpo``, ``cpo``,
+            ``orpo``).
         chosen_wpo_log_weights, rejected_wpo_log_weights: ``(B,)`` WPO log-weights (arXiv 2406.11827
             Eq. 2), the per-sequence mean of ``log p_t - logsumexp_v(2 log p_v)`` over completion tokens;
             when given, every loss is multiplied by ``exp(chosen + rejected)``, detached.
 
     Returns:
         ``(losses, chosen_rewards, rejected_rewards)``, each ``(B,)``; ``losses.mean()`` is TRL's loss and
-        the rewards ``beta * (policy - reference)`` are detached.
+        the rewards ``beta * (policy - reference)`` are detached. When no loss needs the reference, the
+        rewards are those TRL logs for the first loss (e.g. ``beta * mean token log-prob`` for ``simpo``).
     """
     loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
     weights = [1.0] * len(loss_types) if loss_weights is None else list(loss_weights)
-    if reference_free:
+    if reference_free or not needs_reference(loss_types):
         ref_chosen_logps = torch.zeros_like(policy_chosen_logps)
         ref_rejected_logps = torch.zeros_like(policy_rejected_logps)
     tensors = dict(
@@ -371,7 +524,7 @@ def dpo_loss(
         chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, chosen_nll=chosen_nll,
         chosen_wpo_log_weights=chosen_wpo_log_weights, rejected_wpo_log_weights=rejected_wpo_log_weights,
     )
-    _validate(loss_types, weights, tensors, beta, label_smoothing, f_divergence_type)
+    _validate(loss_types, weights, tensors, beta, label_smoothing, f_divergence_type, simpo_gamma, cpo_alpha)
 
     chosen_logratios = policy_chosen_logps - ref_chosen_logps
     rejected_logratios = policy_rejected_logps - ref_rejected_logps
@@ -383,13 +536,17 @@ def dpo_loss(
         rejected_scores=f_prime(rejected_logratios, f_alpha_divergence_coef),
         beta=beta, label_smoothing=label_smoothing, discopop_tau=discopop_tau,
         chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, chosen_nll=chosen_nll,
+        simpo_gamma=simpo_gamma, cpo_alpha=cpo_alpha, alphapo_alpha=alphapo_alpha,
     )
     wpo = 1.0
     if chosen_wpo_log_weights is not None:  # exp(c) * exp(r) in TRL, computed under no_grad
         wpo = torch.exp(chosen_wpo_log_weights + rejected_wpo_log_weights).detach()
     losses = sum(weight * LOSSES[name](inputs) * wpo for name, weight in zip(loss_types, weights))
-    chosen_rewards = beta * chosen_logratios.detach()
-    rejected_rewards = beta * rejected_logratios.detach()
+    if needs_reference(loss_types):
+        chosen_rewards = beta * chosen_logratios.detach()
+        rejected_rewards = beta * rejected_logratios.detach()
+    else:
+        chosen_rewards, rejected_rewards = _SPECS[loss_types[0]].rewards(inputs)
     return losses, chosen_rewards, rejected_rewards
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, fields
 
 from ..errors import ConfigError
 from ..layouts import LAYOUTS, check_layout_flags, forward_mode_help
-from ..losses import LOSSES
+from ..losses import LOSSES, needs_reference
 from ..trackers import NONE, TRACKERS, check_report_to
 
 
@@ -166,6 +166,16 @@ class DPOArguments:
         default=None, metadata={"help": "LD-DPO weight in [0, 1] of tokens past the shorter completion."})
     use_weighting: bool = field(default=False, metadata={"help": "WPO weighting of each pair's loss."})
     discopop_tau: float = field(default=0.05, metadata={"help": "Temperature of the discopop loss."})
+    simpo_gamma: float = field(
+        default=0.5, metadata={"help": "simpo: target reward margin gamma >= 0 (TRL CPOConfig's simpo_gamma)."})
+    cpo_alpha: float = field(
+        default=1.0,
+        metadata={"help": "cpo, simpo: weight >= 0 of the NLL of the chosen completions (TRL CPOConfig's cpo_alpha; "
+                  "0 with simpo: pure SimPO)."})
+    alphapo_alpha: float = field(
+        default=0.0,
+        metadata={"help": "simpo, cpo: AlphaPO reward shape, r = (1 - p^-alpha) / alpha (TRL CPOConfig's alpha); "
+                  "0: the log-prob reward (SimPO, CPO)."})
     ref_logprobs: str | None = field(
         default=None,
         metadata={"help": "Directory written by scripts/precompute_ref_logprobs.py; no reference model is "
@@ -195,21 +205,35 @@ class DPOArguments:
             raise ConfigError(f"--ld_alpha must be in [0, 1], got {self.ld_alpha}")
         if self.reference_free and self.ref_logprobs:
             raise ConfigError("--reference_free and --ref_logprobs exclude each other.")
+        if self.simpo_gamma < 0:
+            raise ConfigError(f"--simpo_gamma must be >= 0, got {self.simpo_gamma}")
+        if self.cpo_alpha < 0:
+            raise ConfigError(f"--cpo_alpha must be >= 0, got {self.cpo_alpha}")
+        if not needs_reference(self.loss_type) and self.ref_logprobs:
+            raise ConfigError(f"--ref_logprobs is unused: --loss_type {' '.join(self.loss_type)} needs no reference.")
         if self.sync_ref_model:
             if self.ref_logprobs or self.reference_free:
                 raise ConfigError("--sync_ref_model updates a reference model during training: it cannot be used with "
                                  f"{'--ref_logprobs (a cache is fixed)' if self.ref_logprobs else '--reference_free'}.")
+            if not self.uses_reference():
+                raise ConfigError(f"--sync_ref_model needs a reference: --loss_type {' '.join(self.loss_type)} "
+                                  "reads none.")
             if not 0.0 <= self.ref_model_mixup_alpha <= 1.0:
                 raise ConfigError(f"--ref_model_mixup_alpha must be in [0, 1], got {self.ref_model_mixup_alpha}")
             if self.ref_model_sync_steps < 1:
                 raise ConfigError(f"--ref_model_sync_steps must be >= 1, got {self.ref_model_sync_steps}")
+
+    def uses_reference(self) -> bool:
+        """Whether the run reads reference log-probs: not --reference_free, and some --loss_type needs them."""
+        return not self.reference_free and needs_reference(self.loss_type)
 
     def loss_kwargs(self) -> dict:
         """Keyword arguments of `dpo_core.losses.dpo_loss`."""
         return dict(loss_type=self.loss_type, loss_weights=self.loss_weights, beta=self.beta,
                     label_smoothing=self.label_smoothing, reference_free=self.reference_free,
                     f_divergence_type=self.f_divergence_type,
-                    f_alpha_divergence_coef=self.f_alpha_divergence_coef, discopop_tau=self.discopop_tau)
+                    f_alpha_divergence_coef=self.f_alpha_divergence_coef, discopop_tau=self.discopop_tau,
+                    simpo_gamma=self.simpo_gamma, cpo_alpha=self.cpo_alpha, alphapo_alpha=self.alphapo_alpha)
 
 
 @dataclass
