@@ -13,7 +13,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
@@ -25,6 +24,7 @@ from .config import resolved_config, save_config
 from .distributed import configure_deepspeed, make_accelerator, shutdown
 from .errors import ConfigError, DataError
 from .modeling import is_peft_model, merge_and_save_adapter, register_adapter_checkpointing
+from .optim import build_optimizer, parse_scheduler_kwargs
 from .trackers import enabled_trackers, tracker_init_kwargs
 from .training import total_steps
 
@@ -77,7 +77,8 @@ def schedule_and_resume(accelerator: Accelerator, optimizer, train_args, batches
     max_steps = total_steps(train_args, batches_per_epoch)
     warmup = train_args.warmup_steps or math.ceil(train_args.warmup_ratio * max_steps)
     scheduler = get_scheduler(train_args.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
-                              num_training_steps=max_steps)
+                              num_training_steps=max_steps,
+                              scheduler_specific_kwargs=parse_scheduler_kwargs(train_args.lr_scheduler_kwargs))
     state = TrainState()
     resume = resolve_resume(train_args.output_dir, train_args.resume_from_checkpoint)
     if resume is not None:
@@ -95,21 +96,10 @@ def _hparams(*configs) -> dict:
             for k, v in resolved_config(*configs).items()}
 
 
-def build_optimizer(model, train_args) -> torch.optim.AdamW:
-    """AdamW; biases and norm weights get no weight decay (as transformers' Trainer does)."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if param.dim() < 2 or "norm" in name.lower() else decay).append(param)
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": train_args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=train_args.learning_rate, betas=(train_args.adam_beta1, train_args.adam_beta2),
-        eps=train_args.adam_epsilon)
-
-
 def prepare_training(accelerator, model, examples: dict, collate, train_args, *, shuffle: bool = True):
     """Data loaders (`collate(split)` gives a split's collate_fn; the training split shuffled, seeded, unless
-    `shuffle` is False), AdamW, and `accelerator.prepare`; a LoRA model's checkpoints then hold its adapter only. Returns `(model, optimizer, train_loader, eval_loader)`,
+    `shuffle` is False), the `--optim` optimizer (`dpo_core.optim`), and `accelerator.prepare`; a LoRA model's
+    checkpoints then hold its adapter only. Returns `(model, optimizer, train_loader, eval_loader)`,
     `eval_loader` None without a held-out split."""
     def loader(split, batch_size, shuffle):
         return DataLoader(PairDataset(examples[split]), batch_size=batch_size, shuffle=shuffle,
@@ -117,7 +107,7 @@ def prepare_training(accelerator, model, examples: dict, collate, train_args, *,
 
     train_loader = loader("train", train_args.per_device_train_batch_size, shuffle=shuffle)
     eval_loader = loader("eval", train_args.per_device_eval_batch_size, False) if examples.get("eval") else None
-    optimizer = build_optimizer(model, train_args)
+    optimizer = build_optimizer(model, train_args, device=accelerator.device)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)

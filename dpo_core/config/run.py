@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from ..errors import ConfigError
 from ..layouts import LAYOUTS, check_layout_flags, forward_mode_help
 from ..losses import LOSSES, needs_reference
+from ..optim import OPTIMIZERS, parse_optim_args, parse_scheduler_kwargs
 from ..trackers import NONE, TRACKERS, check_report_to
 
 
@@ -256,6 +257,21 @@ class TrainArguments:
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
     adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
     adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
+    optim: str = field(
+        default="adamw_torch",
+        metadata={"help": "Optimizer, transformers' names: adamw_torch, adamw_torch_fused, adafactor (transformers' "
+                  "Adafactor, fixed learning rate), sgd, and bitsandbytes' adamw_8bit, paged_adamw_8bit, "
+                  "paged_adamw_32bit, lion_8bit (`pip install -e \".[quant]\"`; CUDA, XPU or CPU, where paged "
+                  "ones run unpaged). Biases and norm weights get no weight decay with every optimizer.",
+                  "choices": list(OPTIMIZERS)})
+    optim_args: str | None = field(
+        default=None,
+        metadata={"help": "Extra optimizer arguments as transformers' \"k=v,k=v\" string (e.g. momentum=0.9,"
+                  "nesterov=True for sgd); an argument the optimizer does not take is an error."})
+    lr_scheduler_kwargs: dict | str | None = field(
+        default=None,
+        metadata={"help": "Extra arguments of the scheduler, a JSON object (e.g. '{\"num_cycles\": 2}' for "
+                  "cosine_with_restarts), as transformers' lr_scheduler_kwargs."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0: no clipping)."})
     logging_steps: int = field(default=10, metadata={"help": "Log train metrics every N optimizer steps."})
     eval_steps: int | None = field(
@@ -297,6 +313,10 @@ class TrainArguments:
             self.report_to = [self.report_to]
         check_report_to(self.report_to)
         check_layout_flags(self.forward_mode, self.logps_chunk_size)
+        if self.optim not in OPTIMIZERS:
+            raise ConfigError(f"Unknown --optim {self.optim!r}; choose from {', '.join(OPTIMIZERS)}")
+        parse_optim_args(self.optim_args)
+        self.lr_scheduler_kwargs = parse_scheduler_kwargs(self.lr_scheduler_kwargs) or None
 
 
 def _check_groups(config, flat_cls) -> None:
