@@ -23,6 +23,8 @@ from .checkpoints import TrainState, load_checkpoint, prepare_output_dir, resolv
 from .config import resolved_config, save_config
 from .distributed import configure_deepspeed, make_accelerator, shutdown
 from .errors import ConfigError, DataError
+from .hub import hub_repo_id, push_output_dir
+from .model_card import write_model_card
 from .modeling import is_peft_model, merge_and_save_adapter, register_adapter_checkpointing
 from .optim import build_optimizer, parse_scheduler_kwargs
 from .trackers import enabled_trackers, tracker_init_kwargs
@@ -126,9 +128,12 @@ def require_examples(examples: dict, data_args) -> None:
         raise DataError(f"{data_args.dataset_name}: the held-out split has no usable records")
 
 
-def finish_run(accelerator, model, tokenizer, output_dir: Path, metrics: dict, *, model_args=None) -> dict:
+def finish_run(accelerator, model, tokenizer, output_dir: Path, metrics: dict, *, model_args=None,
+               configs: tuple = (), method: str = "dpo") -> dict:
     """The end of every training run: final model and metrics saved (and the merged adapter with
-    `--merge_adapter`), metrics printed, trackers closed."""
+    `--merge_adapter`), the model card (`README.md`, `dpo_core.model_card`; `configs`: the run's config
+    groups, `method`: dpo | sft), the hub push with `--push_to_hub` (`dpo_core.hub`), metrics printed,
+    trackers closed."""
     metrics["num_processes"] = accelerator.num_processes
     metrics["distributed_type"] = accelerator.distributed_type.value
     save_final(accelerator, model, tokenizer, output_dir, metrics)
@@ -137,8 +142,18 @@ def finish_run(accelerator, model, tokenizer, output_dir: Path, metrics: dict, *
             merge_and_save_adapter(output_dir, output_dir / "merged", model_args)
             accelerator.print(f"merged weights saved to {output_dir / 'merged'}")
         accelerator.wait_for_everyone()
+    accelerator.end_training()  # the TensorBoard files complete before the card plots and the push uploads them
+    configs = configs or tuple(c for c in (model_args,) if c is not None)
+    train_args = next((c for c in configs if hasattr(c, "push_to_hub")), None)
+    push = train_args is not None and train_args.push_to_hub
+    if accelerator.is_main_process:
+        write_model_card(output_dir, configs=configs, metrics=metrics, method=method,
+                         adapter=is_peft_model(accelerator.unwrap_model(model)),
+                         repo_id=hub_repo_id(train_args) if push else None)
+        if push:
+            accelerator.print(f"pushed to the hub: {push_output_dir(output_dir, train_args)}")
+    accelerator.wait_for_everyone()
     accelerator.print(format_metrics(metrics))
-    accelerator.end_training()
     shutdown(accelerator)
     return metrics
 

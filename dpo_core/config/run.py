@@ -136,8 +136,18 @@ class DataArguments(TokenizeSettings):
         metadata={"help": "error: stop before training, listing every bad record; skip: drop them and list them "
                   "in invalid_records.jsonl (dpo.py: in --output_dir; the precompute: <output_dir>.invalid_records.jsonl)."})
 
+    max_train_samples: int | None = field(
+        default=None,
+        metadata={"help": "Keep at most N training records: a random selection seeded by --seed (the same records "
+                  "for the same seed), taken after loading (and after --eval_fraction) and before tokenization."})
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Keep at most N held-out records (seeded like --max_train_samples)."})
+
     def __post_init__(self):
         TokenizeSettings.__post_init__(self)
+        for name in ("max_train_samples", "max_eval_samples"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.on_invalid not in ("error", "skip"):
             raise ConfigError(f"--on_invalid must be error or skip, got {self.on_invalid!r}")
         if not 0.0 <= self.eval_fraction < 1.0:
@@ -298,6 +308,31 @@ class TrainArguments:
         default=False,
         metadata={"help": "Audit the data order: append each micro-batch's example ids (per rank, with step, epoch "
                   "and position) to output_dir/example_ids/rank{R}.jsonl."})
+    debug: bool = field(
+        default=False,
+        metadata={"help": "Preset for a first run on a new dataset or cluster (dpo_core/debug.py): "
+                  "--max_train_samples 256 --max_eval_samples 64 --eval_steps 5 --save_steps 5 --logging_steps 1, "
+                  "autograd anomaly detection, and runs/debug-<timestamp> without --output_dir. Flags given "
+                  "explicitly win over the preset."})
+    push_to_hub: bool = field(
+        default=False,
+        metadata={"help": "Upload the final output directory (model, tokenizer, README.md model card, config, "
+                  "results, logs) to the Hugging Face Hub from the main process. The token comes from HF_TOKEN or "
+                  "`huggingface-cli login`, never from a flag."})
+    hub_model_id: str | None = field(
+        default=None,
+        metadata={"help": "Hub repository (namespace/name); default: the name of --output_dir in your namespace, "
+                  "as transformers does."})
+    hub_private_repo: bool | None = field(
+        default=None, metadata={"help": "Create the repository private (default: the hub's default, public)."})
+    hub_revision: str | None = field(
+        default=None, metadata={"help": "Branch to push to (created from main when missing); default: main."})
+    hub_strategy: str = field(
+        default="end",
+        metadata={"help": "end: push the final output directory once; checkpoint: also push each committed "
+                  "checkpoint (needs --save_steps) into the repository's last-checkpoint/ folder, replacing the "
+                  "previous one, as transformers does (resume from it after downloading).",
+                  "choices": ["end", "checkpoint"]})
     peak_flops: float | None = field(
         default=None, metadata={"help": "Peak FLOP/s of one device for the logged train/mfu (default: the bf16 "
                                 "dense peak of a known GPU, else a matmul rate measured at startup)."})
@@ -317,6 +352,13 @@ class TrainArguments:
             raise ConfigError(f"Unknown --optim {self.optim!r}; choose from {', '.join(OPTIMIZERS)}")
         parse_optim_args(self.optim_args)
         self.lr_scheduler_kwargs = parse_scheduler_kwargs(self.lr_scheduler_kwargs) or None
+        if self.hub_strategy not in ("end", "checkpoint"):
+            raise ConfigError(f"--hub_strategy must be end or checkpoint, got {self.hub_strategy!r}")
+        if not self.push_to_hub:
+            given = [f"--{name}" for name in ("hub_model_id", "hub_private_repo", "hub_revision")
+                     if getattr(self, name) is not None] + (["--hub_strategy"] if self.hub_strategy != "end" else [])
+            if given:
+                raise ConfigError(f"{' '.join(given)} unused: add --push_to_hub")
 
 
 def _check_groups(config, flat_cls) -> None:
