@@ -42,7 +42,8 @@ def push_folder(folder: str | Path, train_args, *, path_in_repo: str | None = No
     from huggingface_hub import HfApi
 
     api = HfApi()  # no token argument: huggingface_hub resolves HF_TOKEN or the login cache itself
-    repo = api.create_repo(hub_repo_id(train_args), private=train_args.hub_private_repo, exist_ok=True,
+    repo = api.create_repo(hub_repo_id(train_args), private=train_args.hub_private_repo or None,
+                           exist_ok=True,
                            repo_type="model")
     if train_args.hub_revision:
         api.create_branch(repo.repo_id, branch=train_args.hub_revision, exist_ok=True, repo_type="model")

@@ -139,7 +139,10 @@ def write_model_card(output_dir: str | Path, *, configs: tuple, metrics: dict, m
     dataset = values.get("dataset_name")
     loss_types = list(values.get("loss_type") or []) if method == "dpo" else []
     tags = [method, "dpo_core", *[t for t in loss_types if t not in (method, "dpo_core")]]
-    data = ModelCardData(base_model=base, datasets=[dataset] if is_hub_dataset(dataset) else None,
+    # On the hub, base_model must name a hub model (the hub refuses the card otherwise): a local base
+    # directory stays in the body only when the card is pushed.
+    hub_base = base if not (repo_id and base and Path(base).expanduser().exists()) else None
+    data = ModelCardData(base_model=hub_base, datasets=[dataset] if is_hub_dataset(dataset) else None,
                          library_name="peft" if adapter else "transformers", tags=tags,
                          license=base_license(base), pipeline_tag="text-generation")
     config_yaml = yaml.safe_dump(json.loads(json.dumps(resolved_config(*{id(c): c for c in configs}.values()))),

@@ -323,8 +323,8 @@ class TrainArguments:
         default=None,
         metadata={"help": "Hub repository (namespace/name); default: the name of --output_dir in your namespace, "
                   "as transformers does."})
-    hub_private_repo: bool | None = field(
-        default=None, metadata={"help": "Create the repository private (default: the hub's default, public)."})
+    hub_private_repo: bool = field(
+        default=False, metadata={"help": "Create the repository private (default: the hub's default, public)."})
     hub_revision: str | None = field(
         default=None, metadata={"help": "Branch to push to (created from main when missing); default: main."})
     hub_strategy: str = field(
@@ -356,7 +356,7 @@ class TrainArguments:
             raise ConfigError(f"--hub_strategy must be end or checkpoint, got {self.hub_strategy!r}")
         if not self.push_to_hub:
             given = [f"--{name}" for name in ("hub_model_id", "hub_private_repo", "hub_revision")
-                     if getattr(self, name) is not None] + (["--hub_strategy"] if self.hub_strategy != "end" else [])
+                     if getattr(self, name)] + (["--hub_strategy"] if self.hub_strategy != "end" else [])
             if given:
                 raise ConfigError(f"{' '.join(given)} unused: add --push_to_hub")
 
