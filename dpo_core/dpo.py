@@ -26,6 +26,7 @@ from .modeling import (
     adapter_reference,
     add_reference_adapter,
     disable_dropout,
+    gguf_of,
     is_peft_model,
     load_model_and_tokenizer,
     load_model_from_args,
@@ -78,6 +79,7 @@ def load_reference_cache(cache_dir, *, model_args, data_args, dpo_args, tokenize
     """The verified reference cache for every split of this run (an error names any mismatch)."""
     expected = reference_fingerprint(
         ref_model_path=model_args.reference_path(), revision=model_args.revision, tokenizer=tokenizer,
+        gguf_file=gguf_of(model_args, model_args.reference_path()),
         records_by_split=records, examples_by_split=examples, data_args=data_args,
         torch_dtype=model_args.torch_dtype, ld_alpha=dpo_args.ld_alpha, mixed_precision=mixed_precision, seed=seed,
         quantization=quantization_name(model_args))

@@ -65,7 +65,7 @@ def tokens_fingerprint(examples) -> str:
 def reference_fingerprint(*, ref_model_path: str, revision: str | None, tokenizer, records_by_split: dict,
                           examples_by_split: dict, data_args, torch_dtype: str, ld_alpha: float | None,
                           mixed_precision: str, seed: int | None = None,
-                          quantization: str | None = None) -> dict[str, object]:
+                          quantization: str | None = None, gguf_file: str | None = None) -> dict[str, object]:
     """Everything that decides the reference log-probs of a run, as a flat dict of named fields.
 
     The dataset *path* is left out (moving a file keeps the cache valid); its content, the ordered ids of
@@ -83,7 +83,7 @@ def reference_fingerprint(*, ref_model_path: str, revision: str | None, tokenize
     """
     fp: dict[str, object] = {
         "format_version": FORMAT_VERSION,
-        "reference_weights": weights_fingerprint(ref_model_path, revision=revision),
+        "reference_weights": weights_fingerprint(ref_model_path, revision=revision, gguf_file=gguf_file),
         "tokenizer": tokenizer_fingerprint(tokenizer),
     }
     for split in sorted(records_by_split):

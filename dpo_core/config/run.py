@@ -23,6 +23,13 @@ class ModelArguments:
     ref_model_name_or_path: str | None = field(
         default=None, metadata={"help": "Reference model; default: the policy's initial weights."})
     revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)."})
+    gguf_file: str | None = field(
+        default=None,
+        metadata={"help": "A GGUF checkpoint inside --model_name_or_path (e.g. model.Q4_1.gguf; `pip install gguf`): "
+                  "dequantized to --torch_dtype; the trained model is saved as safetensors. A --model_name_or_path "
+                  "that is itself a .gguf file works too."})
+    ref_gguf_file: str | None = field(
+        default=None, metadata={"help": "The GGUF file inside --ref_model_name_or_path, when that is a GGUF checkpoint."})
     torch_dtype: str = field(
         default="float32",
         metadata={"help": "Weights dtype: float32 | bfloat16 | float16 | auto. Mixed precision (autocast) "
