@@ -142,7 +142,10 @@ def finish_run(accelerator, model, tokenizer, output_dir: Path, metrics: dict, *
             merge_and_save_adapter(output_dir, output_dir / "merged", model_args)
             accelerator.print(f"merged weights saved to {output_dir / 'merged'}")
         accelerator.wait_for_everyone()
-    accelerator.end_training()  # the TensorBoard files complete before the card plots and the push uploads them
+    accelerator.wait_for_everyone()
+    # The TensorBoard files complete before the card plots them and the push uploads them. end_training also ends
+    # the process group: no collective after it.
+    accelerator.end_training()
     configs = configs or tuple(c for c in (model_args,) if c is not None)
     train_args = next((c for c in configs if hasattr(c, "push_to_hub")), None)
     push = train_args is not None and train_args.push_to_hub
@@ -152,7 +155,6 @@ def finish_run(accelerator, model, tokenizer, output_dir: Path, metrics: dict, *
                          repo_id=hub_repo_id(train_args) if push else None)
         if push:
             accelerator.print(f"pushed to the hub: {push_output_dir(output_dir, train_args)}")
-    accelerator.wait_for_everyone()
     accelerator.print(format_metrics(metrics))
     shutdown(accelerator)
     return metrics
