@@ -4,7 +4,6 @@
 import json
 
 import pytest
-from accelerate.state import AcceleratorState, GradientState
 from helpers import small_dataset
 from huggingface_hub import ModelCard
 
@@ -17,10 +16,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+def _fresh_state(fresh_accelerate_state):
+    """In-process runs one after another: each starts from a fresh accelerate state (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")

@@ -27,10 +27,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+def _fresh_state(fresh_accelerate_state):
+    """In-process runs one after another: each starts from a fresh accelerate state (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")
