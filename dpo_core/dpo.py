@@ -36,7 +36,7 @@ from .ref_cache import load_cache, reference_fingerprint
 from .ref_sync import setup_reference_sync
 from .runs import TrainResult, finish_run, prepare_training, require_examples, schedule_and_resume, start_run
 from .throughput import make_batch_flops, peak_flops
-from .training import train_loop
+from .training import StopSignals, handles_stop_signals, train_loop
 
 
 def make_dpo_step(dpo_args, *, forward, ref_model=None, ref_context=contextlib.nullcontext):
@@ -161,8 +161,12 @@ def train_dpo(config: DPOConfig) -> TrainResult:
     return TrainResult(metrics=metrics, output_dir=Path(config.output_dir))
 
 
-def run_dpo(model_args, data_args, dpo_args, train_args) -> dict:
-    """`train_dpo` from the config groups (any object with their fields); returns the final metrics."""
+@handles_stop_signals
+def run_dpo(model_args, data_args, dpo_args, train_args, *, stop: StopSignals | None = None) -> dict:
+    """`train_dpo` from the config groups (any object with their fields); returns the final metrics.
+
+    The stop-signal handlers are installed before the model loads: a SIGTERM during setup stops the run at
+    its first step boundary (instead of being lost: `slurm/launch.sh` ignores the signals in the launcher)."""
     apply_debug_preset(model_args, data_args, dpo_args, train_args)
     check_hub_args(train_args)
     accelerator, output_dir = start_run(train_args, model_args, data_args, dpo_args, train_args)
@@ -176,6 +180,6 @@ def run_dpo(model_args, data_args, dpo_args, train_args) -> dict:
         metrics = train_loop(accelerator, run.model, run.optimizer, scheduler, run.train_loader, run.step_fn,
                              train_args, eval_loader=run.eval_loader, max_steps=max_steps, state=state,
                              on_step_end=run.on_step_end, batch_flops=run.batch_flops, peak_flops=peak,
-                             on_save=checkpoint_pusher(accelerator, train_args))
+                             on_save=checkpoint_pusher(accelerator, train_args), stop=stop)
     return finish_run(accelerator, run.model, run.tokenizer, output_dir, metrics, model_args=model_args,
                       configs=(model_args, data_args, dpo_args, train_args), method="dpo")

@@ -32,7 +32,7 @@ from .logps import position_ids_from_mask, sequence_logps, token_logps
 from .modeling import load_model_and_tokenizer
 from .runs import TrainResult, finish_run, prepare_training, require_examples, schedule_and_resume, start_run
 from .sft_data import collate_sft, tokenize_sft_records
-from .training import train_loop
+from .training import StopSignals, handles_stop_signals, train_loop
 
 
 def sft_forward(model, batch):
@@ -77,8 +77,10 @@ def train_sft(config: SFTConfig) -> TrainResult:
     return TrainResult(metrics=metrics, output_dir=Path(config.output_dir))
 
 
-def run_sft(model_args, data_args, train_args) -> dict:
-    """`train_sft` from the config groups (any objects with their fields); returns the final metrics."""
+@handles_stop_signals
+def run_sft(model_args, data_args, train_args, *, stop: StopSignals | None = None) -> dict:
+    """`train_sft` from the config groups (any objects with their fields); returns the final metrics. Stop
+    signals are handled from the start, as in `dpo_core.dpo.run_dpo`."""
     if train_args.forward_mode != TrainArguments.forward_mode:
         raise ConfigError(f"SFT runs right-padded batches: --forward_mode {train_args.forward_mode} applies to "
                          "DPO only")
@@ -103,6 +105,6 @@ def run_sft(model_args, data_args, train_args) -> dict:
     with anomaly_detection(train_args):
         metrics = train_loop(accelerator, model, optimizer, scheduler, train_loader, sft_step, train_args,
                              eval_loader=eval_loader, max_steps=max_steps, state=state,
-                             on_save=checkpoint_pusher(accelerator, train_args))
+                             on_save=checkpoint_pusher(accelerator, train_args), stop=stop)
     return finish_run(accelerator, model, tokenizer, output_dir, metrics, model_args=model_args,
                       configs=(model_args, data_args, train_args), method="sft")

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from helpers import (
     RESUME_STEPS,
     RESUME_STEPS_PER_EPOCH,
@@ -64,11 +63,12 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 240):
     raise AssertionError("the run did not reach the point to interrupt")
 
 
-def started_step(run: Path, step: int):
-    """True once rank 0 has begun the first micro-batch of `step` (its ids line is written before the forward)."""
+def started_step(run: Path, step: int, ranks=(0, 1)):
+    """True once every rank has begun the first micro-batch of `step` (its ids line is written before the
+    forward)."""
     def check():
-        file = run / "example_ids" / "rank0.jsonl"
-        return file.exists() and f'"step": {step},' in file.read_text()
+        files = [run / "example_ids" / f"rank{r}.jsonl" for r in ranks]
+        return all(f.exists() and f'"step": {step},' in f.read_text() for f in files)
     return check
 
 
@@ -185,13 +185,6 @@ def test_sigkill_during_saves_then_the_same_command_equals_the_uninterrupted_run
     assert_equals_reference(run, resume_reference, tiny_model_dir)
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 def test_stop_signal_in_process_raises_after_the_checkpoint_and_restores_handlers(
         tiny_model_dir, resume_data, tmp_path, monkeypatch, fresh_accelerate_state):
     """train_dpo in this process: SIGUSR1 (to itself) during the first micro-batch of step 2 ->
@@ -222,4 +215,30 @@ def test_stop_signal_in_process_raises_after_the_checkpoint_and_restores_handler
     assert stopped.value.checkpoint == tmp_path / "run" / "checkpoints" / "checkpoint-2"
     assert (stopped.value.checkpoint / COMPLETE).exists()
     assert not (tmp_path / "run" / "model.safetensors").exists()
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_a_stop_signal_during_setup_is_kept_and_stops_at_the_first_step(
+        tiny_model_dir, resume_data, tmp_path, monkeypatch, fresh_accelerate_state):
+    """SIGTERM while the model loads (before the training loop exists): not lost (the Slurm launcher ignores
+    the signals, so a worker's default would be to ignore it too); the run stops after step 1 with a checkpoint."""
+    import dpo_core.dpo as dpo_module
+    from dpo_core.config import DataArguments, DPOArguments, ModelArguments, TrainArguments, parse_config
+    from dpo_core.errors import TrainingPreempted
+
+    real = dpo_module.setup_dpo
+
+    def setup(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+
+    monkeypatch.setattr(dpo_module, "setup_dpo", setup)
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    configs = parse_config((ModelArguments, DataArguments, DPOArguments, TrainArguments),
+                           ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(resume_data),
+                            "--output_dir", str(tmp_path / "run"), "--max_length", "64", "--max_steps", "4",
+                            "--per_device_train_batch_size", "2", "--report_to", "none"])
+    with pytest.raises(TrainingPreempted, match="stopped at step 1,") as stopped:
+        dpo_module.run_dpo(*configs)
+    assert stopped.value.checkpoint == tmp_path / "run" / "checkpoints" / "checkpoint-1"
     assert {s: signal.getsignal(s) for s in before} == before

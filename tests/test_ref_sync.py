@@ -14,11 +14,7 @@ from dpo_core.ref_sync import REFERENCE_FILE
 ALPHA = 0.6
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # every test here trains in-process
 
 
 def sync_configs(model, data, out, *extra):

@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 import yaml
-from accelerate.state import AcceleratorState, GradientState
 from helpers import DEMO_DATA, load_weights, read_scalars, results, run_script, small_dataset
 
 from dpo_core import data as data_lib
@@ -29,11 +28,7 @@ MIXED = [  # one record of every format, completions of different lengths
 ]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # every test here trains in-process
 
 
 def records_of(rows, source="mem.jsonl"):

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from helpers import load_weights, read_scalars, results, small_dataset
 
 import dpo_core.dpo as dpo_module
@@ -10,12 +9,7 @@ from dpo_core.checkpoints import COMPLETE, complete_checkpoints, resolve_resume
 from dpo_core.config import DataArguments, DPOArguments, ModelArguments, TrainArguments, parse_config
 from dpo_core.errors import NonFiniteError
 
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # every test here trains in-process
 
 
 def configs(model, data, out, *extra):
