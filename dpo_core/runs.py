@@ -25,7 +25,7 @@ from .config import resolved_config, save_config
 from .distributed import configure_deepspeed, make_accelerator, shutdown
 from .errors import ConfigError, DataError
 from .modeling import is_peft_model, merge_and_save_adapter, register_adapter_checkpointing
-from .trackers import RunInfo, enabled_trackers, read_run_ids, run_name_of, start_trackers
+from .trackers import RunInfo, enabled_trackers, read_run_ids, run_name_of, start_trackers, tracker_config
 from .training import total_steps
 
 
@@ -93,8 +93,7 @@ def schedule_and_resume(accelerator: Accelerator, optimizer, train_args, batches
 def _hparams(*configs) -> dict:
     """The config every tracker records: TensorBoard hparams accept scalars and strings only; secrets never
     leave `resolved_config`."""
-    return {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v))
-            for k, v in resolved_config(*configs).items()}
+    return tracker_config(resolved_config(*configs))
 
 
 def build_optimizer(model, train_args) -> torch.optim.AdamW:

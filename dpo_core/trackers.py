@@ -48,6 +48,8 @@ class Tracker:
     package: the module that must be importable; extra: the pip extra of dpo_core that installs it.
     init_kwargs: `RunInfo -> kwargs` for accelerate's `init_trackers(init_kwargs={name: ...})`.
     run_id: accelerate's unwrapped tracker object -> the id to store for a resume (None: nothing to store).
+    log_table: `(accelerate's tracker, name, columns, rows)`: a table, where the tracker has them
+    (`scripts/evaluate.py`'s results).
     """
 
     name: str
@@ -55,6 +57,7 @@ class Tracker:
     extra: str
     init_kwargs: Callable[[RunInfo], dict] = field(default=lambda run: {})
     run_id: Callable[[Any], str | None] | None = None
+    log_table: Callable[[Any, str, list[str], list[list]], None] | None = None
 
 
 def _tensorboard(run: RunInfo) -> dict:
@@ -76,6 +79,23 @@ def _mlflow(run: RunInfo) -> dict:
 def _trackio(run: RunInfo) -> dict:
     # trackio finds the run to continue by its name within the project.
     return {"name": run.run_name, "resume": "allow" if run.resumed_step else "never"}
+
+
+def _wandb_table(tracker, name: str, columns: list[str], rows: list[list]) -> None:
+    tracker.log_table(name, columns=columns, data=rows)  # a wandb.Table
+
+
+def _mlflow_table(tracker, name: str, columns: list[str], rows: list[list]) -> None:
+    import mlflow  # the tracker's run is the active one
+
+    mlflow.log_dict({"columns": columns, "data": rows}, f"{name}.json")  # an artifact of the run
+
+
+def _tensorboard_table(tracker, name: str, columns: list[str], rows: list[list]) -> None:
+    lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
+    tracker.writer.add_text(name, "\n".join(lines))
+    tracker.writer.flush()
 
 
 def _comet_ml(run: RunInfo) -> dict:
@@ -103,9 +123,9 @@ def _dvclive(run: RunInfo) -> dict:
 
 
 TRACKERS: dict[str, Tracker] = {tracker.name: tracker for tracker in (
-    Tracker("tensorboard", "tensorboard", "tensorboard", _tensorboard),
-    Tracker("wandb", "wandb", "wandb", _wandb, run_id=lambda run: run.id),
-    Tracker("mlflow", "mlflow", "mlflow", _mlflow, run_id=lambda run: run.info.run_id),
+    Tracker("tensorboard", "tensorboard", "tensorboard", _tensorboard, log_table=_tensorboard_table),
+    Tracker("wandb", "wandb", "wandb", _wandb, run_id=lambda run: run.id, log_table=_wandb_table),
+    Tracker("mlflow", "mlflow", "mlflow", _mlflow, run_id=lambda run: run.info.run_id, log_table=_mlflow_table),
     Tracker("trackio", "trackio", "trackio", _trackio, run_id=lambda run: run.name),
     Tracker("comet_ml", "comet_ml", "comet_ml", _comet_ml, run_id=lambda experiment: experiment.get_key()),
     Tracker("aim", "aim", "aim", _aim),
@@ -162,9 +182,9 @@ def run_name_of(args) -> str:
 
 
 def start_trackers(accelerator, names: list[str], run: RunInfo, config: dict,
-                   run_ids: dict | None = None) -> dict[str, str]:
+                   run_ids: dict | None = None, *, write_ids: bool = True) -> dict[str, str]:
     """`init_trackers` with every tracker's arguments; on the main process, the started runs' ids are written
-    to `<output_dir>/trackers.json` and returned."""
+    to `<output_dir>/trackers.json` (unless `write_ids` is False) and returned."""
     accelerator.init_trackers(run.project, config=config, init_kwargs=tracker_init_kwargs(names, run, run_ids))
     if not accelerator.is_main_process:
         return {}
@@ -172,8 +192,26 @@ def start_trackers(accelerator, names: list[str], run: RunInfo, config: dict,
     for name in names:
         if TRACKERS[name].run_id is not None:
             ids[name] = TRACKERS[name].run_id(accelerator.get_tracker(name, unwrap=True))
-    write_run_ids(run.output_dir, run, ids)
+    if write_ids:
+        write_run_ids(run.output_dir, run, ids)
     return ids
+
+
+def log_table(accelerator, names: list[str], name: str, columns: list[str], rows: list[list]) -> list[str]:
+    """The table to every tracker of `names` that has tables (main process); returns those trackers."""
+    done = []
+    for tracker_name in names:
+        table = TRACKERS[tracker_name].log_table
+        if table is not None and accelerator.is_main_process:
+            table(accelerator.get_tracker(tracker_name), name, columns, rows)
+            done.append(tracker_name)
+    return done
+
+
+def tracker_config(config: dict) -> dict:
+    """A resolved config as every tracker records it: scalars and strings (TensorBoard's hparams take no
+    more); anything else as JSON."""
+    return {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v)) for k, v in config.items()}
 
 
 def write_run_ids(directory: str | Path, run: RunInfo, ids: dict) -> None:

@@ -236,7 +236,7 @@ def read_wandb(wandb_dir: Path) -> tuple[list[dict], dict[str, dict[int, list[fl
                 items = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
                          for item in record.history.item}
                 for key, value in items.items():
-                    if not key.startswith("_"):
+                    if not key.startswith("_") and isinstance(value, (int, float)):  # a table: a dict
                         history.setdefault(key, {}).setdefault(int(items["_step"]), []).append(float(value))
     return runs, history
 
@@ -283,7 +283,8 @@ def assert_same_scalars(got: dict, expected: dict, who: str, *, skip=()) -> int:
     import numpy as np
 
     tags = [tag for tag in expected if tag not in skip]
-    assert sorted(t for t in got if t not in skip) == sorted(tags), who
+    # eval_final/*: what scripts/evaluate.py adds to the run (test_evaluate_logs_its_results_into_the_training_run)
+    assert sorted(t for t in got if t not in skip and not t.startswith("eval_final/")) == sorted(tags), who
     count = 0
     for tag in tags:
         assert sorted(got[tag]) == sorted(expected[tag]), (who, tag)
@@ -372,3 +373,47 @@ def test_a_preempted_and_resumed_run_is_one_tracker_run_with_every_step_once(
     assert runs == ["resumed"]
     counts["trackio"] = assert_same_scalars(once(history, "trackio"), expected, "trackio", skip=TIME_BASED)
     assert min(counts.values()) > 40, counts
+
+
+@pytest.mark.slow
+def test_evaluate_logs_its_results_into_the_training_runs(reference, tracker_env, mlflow_server, tiny_model_dir):
+    """scripts/evaluate.py --tracker_run_dir RUN: the results go into the runs RUN/trackers.json names."""
+    out, data = reference
+    root, env = tracker_env
+    ids = json.loads((out / "trackers.json").read_text())["runs"]
+    (root / "wandb-eval").mkdir()
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--models", f"dpo={out}",
+                           "--reference_model", str(tiny_model_dir), "--dataset_name", str(data), "--eval_split",
+                           "test", "--max_length", "64", "--kl_samples", "0", "--generation_prompts", "0",
+                           "--output_dir", str(root / "eval"), "--tracker_run_dir", str(out),
+                           "--report_to", "tensorboard", "wandb", "mlflow", "trackio"], cwd=ROOT, capture_output=True,
+                          text=True, env=subprocess_env(**{**env, "WANDB_DIR": str(root / "wandb-eval")}), timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    models = json.loads((root / "eval" / "results.json").read_text())["models"]
+    expected = {f"eval_final/{name}/{key}": m[key] for name, m in models.items()
+                for key in ("accuracy", "perplexity", "kl_token_level") if isinstance(m.get(key), float)}
+    expected.update({f"eval_final/{name}/reward_margin/mean": m["reward_margin"]["mean"]
+                     for name, m in models.items() if "reward_margin" in m})
+    assert len(expected) >= 4 and "eval_final/dpo/accuracy" in expected
+
+    def check(history, who):
+        got = {tag: list(steps.values())[0][0] for tag, steps in history.items() if tag.startswith("eval_final/")}
+        for tag, value in expected.items():
+            assert got[tag] == pytest.approx(value, abs=1e-6), (who, tag)
+
+    runs, history = read_wandb(root / "wandb-eval")
+    assert [r["id"] for r in runs] == [ids["wandb"]]  # the training run, continued
+    check(history, "wandb")
+    tables = list((root / "wandb-eval").rglob("*.table.json"))
+    assert tables and "dpo" in tables[0].read_text()  # the wandb.Table
+    runs, history = read_mlflow(mlflow_server, "reference")
+    assert [r.info.run_id for r in runs] == [ids["mlflow"]]
+    check(history, "mlflow")
+    from mlflow.tracking import MlflowClient
+
+    artifacts = [a.path for a in MlflowClient(mlflow_server).list_artifacts(ids["mlflow"], "eval_final")]
+    assert artifacts == ["eval_final/results.json"]
+    runs, history, _ = read_trackio(root / "trackio", "reference")
+    assert runs == ["reference"]
+    check(history, "trackio")
+    check(read_scalars(root / "eval" / "logs"), "tensorboard")
