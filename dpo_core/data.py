@@ -253,7 +253,8 @@ def tokenize_records(records: list[Record], tokenizer, settings: TokenizeSetting
 def prepare_examples(dataset_name: str, tokenizer, settings: TokenizeSettings, *, split: str = "train",
                      eval_split: str | None = None, eval_fraction: float = 0.0, seed: int = 0,
                      dataset_config: str | None = None, on_invalid: str = "error",
-                     report_path: str | Path | None = None, tokenize=None
+                     report_path: str | Path | None = None, tokenize=None, max_train_samples: int | None = None,
+                     max_eval_samples: int | None = None
                      ) -> tuple[dict[str, list[Record]], dict[str, list[Example]]]:
     """`load_splits` + `tokenize_records` (or `tokenize`, same signature) per split + one `check_problems`.
 
@@ -263,7 +264,8 @@ def prepare_examples(dataset_name: str, tokenizer, settings: TokenizeSettings, *
     """
     check_on_invalid(on_invalid, report_path)  # fail before the (possibly long) tokenization
     records = load_splits(dataset_name, split=split, eval_split=eval_split, eval_fraction=eval_fraction,
-                          seed=seed, dataset_config=dataset_config)
+                          seed=seed, dataset_config=dataset_config, max_train_samples=max_train_samples,
+                          max_eval_samples=max_eval_samples)
     examples, all_problems = {}, []
     for name, split_records in records.items():
         examples[name], problems = (tokenize or tokenize_records)(split_records, tokenizer, settings)
@@ -278,7 +280,9 @@ def prepare_from_args(data_args, tokenizer, *, seed: int, report_path: str | Pat
     return prepare_examples(data_args.dataset_name, tokenizer, data_args.tokenize_settings(), split=data_args.dataset_split,
                             eval_split=data_args.eval_split, eval_fraction=data_args.eval_fraction, seed=seed,
                             dataset_config=data_args.dataset_config, on_invalid=data_args.on_invalid,
-                            report_path=report_path, tokenize=tokenize)
+                            report_path=report_path, tokenize=tokenize,
+                            max_train_samples=getattr(data_args, "max_train_samples", None),
+                            max_eval_samples=getattr(data_args, "max_eval_samples", None))
 
 
 # ---------------------------------------------------------------------------------------- fingerprints

@@ -16,14 +16,17 @@ from accelerate import Accelerator
 
 from . import data as data_lib
 from .config import DPOConfig
+from .debug import anomaly_detection, apply_debug_preset
 from .distributed import prepare_reference
 from .errors import ConfigError
+from .hub import check_hub_args, checkpoint_pusher
 from .layouts import make_collator, make_forward
 from .losses import dpo_loss, orpo_metrics, preference_metrics, tie_tolerance
 from .modeling import (
     adapter_reference,
     add_reference_adapter,
     disable_dropout,
+    gguf_of,
     is_peft_model,
     load_model_and_tokenizer,
     load_model_from_args,
@@ -76,6 +79,7 @@ def load_reference_cache(cache_dir, *, model_args, data_args, dpo_args, tokenize
     """The verified reference cache for every split of this run (an error names any mismatch)."""
     expected = reference_fingerprint(
         ref_model_path=model_args.reference_path(), revision=model_args.revision, tokenizer=tokenizer,
+        gguf_file=gguf_of(model_args, model_args.reference_path()),
         records_by_split=records, examples_by_split=examples, data_args=data_args,
         torch_dtype=model_args.torch_dtype, ld_alpha=dpo_args.ld_alpha, mixed_precision=mixed_precision, seed=seed,
         quantization=quantization_name(model_args))
@@ -159,6 +163,8 @@ def train_dpo(config: DPOConfig) -> TrainResult:
 
 def run_dpo(model_args, data_args, dpo_args, train_args) -> dict:
     """`train_dpo` from the config groups (any object with their fields); returns the final metrics."""
+    apply_debug_preset(model_args, data_args, dpo_args, train_args)
+    check_hub_args(train_args)
     accelerator, output_dir = start_run(train_args, model_args, data_args, dpo_args, train_args)
     run = setup_dpo(accelerator, model_args, data_args, dpo_args, train_args,
                     report_path=output_dir / "invalid_records.jsonl")
@@ -166,7 +172,10 @@ def run_dpo(model_args, data_args, dpo_args, train_args) -> dict:
     accelerator.print(f"peak FLOP/s per device for train/mfu: {peak:.3g} ({peak_source})")
     scheduler, state, max_steps = schedule_and_resume(accelerator, run.optimizer, train_args, len(run.train_loader),
                                                       model_args, data_args, dpo_args, train_args)
-    metrics = train_loop(accelerator, run.model, run.optimizer, scheduler, run.train_loader, run.step_fn, train_args,
-                         eval_loader=run.eval_loader, max_steps=max_steps, state=state, on_step_end=run.on_step_end,
-                         batch_flops=run.batch_flops, peak_flops=peak)
-    return finish_run(accelerator, run.model, run.tokenizer, output_dir, metrics, model_args=model_args)
+    with anomaly_detection(train_args):
+        metrics = train_loop(accelerator, run.model, run.optimizer, scheduler, run.train_loader, run.step_fn,
+                             train_args, eval_loader=run.eval_loader, max_steps=max_steps, state=state,
+                             on_step_end=run.on_step_end, batch_flops=run.batch_flops, peak_flops=peak,
+                             on_save=checkpoint_pusher(accelerator, train_args))
+    return finish_run(accelerator, run.model, run.tokenizer, output_dir, metrics, model_args=model_args,
+                      configs=(model_args, data_args, dpo_args, train_args), method="dpo")

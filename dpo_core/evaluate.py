@@ -45,7 +45,7 @@ from .errors import ConfigError, DataError, OutputExistsError
 from .generation import decode_answer, generate_ids
 from .layouts import LAYOUTS
 from .losses import preference_metrics, tie_tolerance
-from .modeling import load_model, load_tokenizer
+from .modeling import gguf_of, load_model, load_tokenizer
 from .report import markdown_table, read_training_curves, save_plot
 from .trackers import (
     DEFAULT_PROJECT,
@@ -305,7 +305,8 @@ def _prompt_of(record_data: dict):
 def _check_tokenizer(path: str, tokenizer, model_args) -> None:
     """A model scored with the reference's token ids must use the same tokenizer (when it ships one)."""
     try:
-        own = load_tokenizer(path, revision=model_args.revision, trust_remote_code=model_args.trust_remote_code)
+        own = load_tokenizer(path, revision=model_args.revision, trust_remote_code=model_args.trust_remote_code,
+                             gguf_file=gguf_of(model_args, path))
     except (OSError, ValueError):
         return  # no tokenizer files: it is read with the reference's
     if data_lib.tokenizer_fingerprint(own) != data_lib.tokenizer_fingerprint(tokenizer):
@@ -336,7 +337,8 @@ def evaluate_models(model_args, data_args, eval_args) -> dict:
     load = partial(load_model, torch_dtype=model_args.torch_dtype, attn_implementation=model_args.attn_implementation,
                    revision=model_args.revision, trust_remote_code=model_args.trust_remote_code, trainable=False)
 
-    tokenizer = load_tokenizer(ref_path, revision=model_args.revision, trust_remote_code=model_args.trust_remote_code)
+    tokenizer = load_tokenizer(ref_path, revision=model_args.revision, trust_remote_code=model_args.trust_remote_code,
+                               gguf_file=gguf_of(model_args, ref_path))
     for _, path in models:
         _check_tokenizer(path, tokenizer, model_args)
     with accelerator.main_process_first():  # tokenized exactly as scripts/dpo.py does
@@ -367,13 +369,13 @@ def evaluate_models(model_args, data_args, eval_args) -> dict:
                                batch_size=eval_args.generation_batch_size)
             return dict(_gather(accelerator, list(zip(mine, ids))))
 
-    ref = load(ref_path).to(accelerator.device)
+    ref = load(ref_path, gguf_file=gguf_of(model_args, ref_path)).to(accelerator.device)
     results = {"dataset": data_args.dataset_name, "split": split_name, "num_pairs": len(pairs), "beta": eval_args.beta,
                "reference_model": ref_path, "models": {}, "training_curves": curves}
     margins, answers = {}, {REFERENCE: answers_of(ref)}
     for name, path in models:
         accelerator.print(f"evaluating {name} ({path}) on {len(pairs)} pairs")
-        policy = load(path).to(accelerator.device)
+        policy = load(path, gguf_file=gguf_of(model_args, path)).to(accelerator.device)
         scores = score_pairs(accelerator, policy, ref, loader)
         if REFERENCE not in results["models"]:
             results["models"][REFERENCE] = {"path": ref_path, **reference_metrics(scores)}

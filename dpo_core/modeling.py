@@ -22,15 +22,33 @@ logger = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
-def resolve_attn_implementation(requested: str | None) -> str:
-    """flash-attn when asked for (or available on a GPU), SDPA otherwise; a clear error if asked but missing."""
+def resolve_attn_implementation(requested: str | None) -> str | None:
+    """flash-attn when asked for (or installed, on a GPU); else what was asked; None lets transformers pick what
+    the model supports (SDPA where it can, eager for models that refuse SDPA). A clear error if flash-attn is
+    asked for but missing."""
     has_flash = importlib.util.find_spec("flash_attn") is not None
     if requested == "flash_attention_2" and not has_flash:
         raise ConfigError("--attn_implementation flash_attention_2 needs flash-attn: pip install 'dpo_core[flash]' "
-                         "(or use sdpa, which gives the same numbers).")
+                          "(or use sdpa, which gives the same numbers).")
     if requested:
         return requested
-    return "flash_attention_2" if has_flash and torch.cuda.is_available() else "sdpa"
+    return "flash_attention_2" if has_flash and torch.cuda.is_available() else None
+
+
+def split_gguf(name_or_path: str, gguf_file: str | None = None) -> tuple[str, str | None]:
+    """`(directory, gguf file name)` of a GGUF checkpoint: `--gguf_file NAME` inside `name_or_path`, or a path
+    that is itself a `.gguf` file; `(name_or_path, None)` for every other model."""
+    if gguf_file is None and str(name_or_path).endswith(".gguf") and Path(name_or_path).is_file():
+        return str(Path(name_or_path).parent), Path(name_or_path).name
+    return str(name_or_path), gguf_file
+
+
+def _serializable(model) -> None:
+    """A GGUF checkpoint is dequantized while loading (plain `torch_dtype` tensors), but transformers still marks
+    the model quantized and refuses `save_pretrained`: drop the marks, so that training saves safetensors."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -60,16 +78,19 @@ def model_source(name_or_path: str):
                            f"({reason})") from e
 
 
-def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False):
+def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False,
+                   gguf_file: str | None = None):
     """The tokenizer, with a pad token (EOS when it has none: padding is masked everywhere); an adapter
-    directory without tokenizer files gives its base model's."""
+    directory without tokenizer files gives its base model's; a GGUF checkpoint gives the one it holds."""
     from transformers import AutoTokenizer
 
+    name_or_path, gguf_file = split_gguf(name_or_path, gguf_file)
     if is_adapter_dir(name_or_path) and not (Path(name_or_path) / "tokenizer_config.json").exists():
         name_or_path = adapter_base_path(name_or_path)
-
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
     with model_source(name_or_path):
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code,
+                                                  **extra)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -77,25 +98,29 @@ def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remo
 
 def load_model(name_or_path: str, *, torch_dtype: str = "float32", attn_implementation: str | None = None,
                revision: str | None = None, trust_remote_code: bool = False, trainable: bool = True,
-               quantization_config=None):
-    """A causal LM from safetensors only (never pickle), dropout off; frozen and in eval mode if not trainable.
+               quantization_config=None, gguf_file: str | None = None):
+    """A causal LM from safetensors (never pickle) or a GGUF file (`gguf_file`, dequantized to `torch_dtype`),
+    dropout off; frozen and in eval mode if not trainable.
 
     `quantization_config` (a `BitsAndBytesConfig`, see `quantization_config`) loads the weights quantized,
     on this process's device.
     """
     from transformers import AutoModelForCausalLM
 
-    extra = {}
+    name_or_path, gguf_file = split_gguf(name_or_path, gguf_file)
+    extra = {"gguf_file": gguf_file} if gguf_file else {"use_safetensors": True}
     if quantization_config is not None:
         from accelerate import PartialState
 
         # bitsandbytes quantizes while loading, on the device that runs this process's share of the work.
-        extra = {"quantization_config": quantization_config, "device_map": {"": PartialState().device}}
+        extra.update(quantization_config=quantization_config, device_map={"": PartialState().device})
     with model_source(name_or_path):
         model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, revision=revision, dtype=_DTYPES[torch_dtype], use_safetensors=True,
+            name_or_path, revision=revision, dtype=_DTYPES[torch_dtype],
             attn_implementation=resolve_attn_implementation(attn_implementation), trust_remote_code=trust_remote_code,
             **extra)
+    if gguf_file:
+        _serializable(model)
     if quantization_config is not None:
         keep_4bit_cpu_layout(model)
     disable_dropout(model)
@@ -116,17 +141,31 @@ def load_model_and_tokenizer(model_args, *, trainable: bool = True, name_or_path
     path = name_or_path or model_args.model_name_or_path
     if not path:
         raise ConfigError("--model_name_or_path is required")
-    tokenizer = load_tokenizer(path, revision=model_args.revision, trust_remote_code=model_args.trust_remote_code)
+    tokenizer = load_tokenizer(path, revision=model_args.revision, trust_remote_code=model_args.trust_remote_code,
+                               gguf_file=gguf_of(model_args, path))
     model = load_model_from_args(model_args, path, trainable=trainable)
     return model, tokenizer
 
 
-def weights_fingerprint(name_or_path: str, *, revision: str | None = None) -> str:
-    """sha256 over a model's config.json and safetensors files (sorted by name), streamed from disk.
+def gguf_of(model_args, path: str | None) -> str | None:
+    """The `--gguf_file` (policy) or `--ref_gguf_file` (a distinct reference) that goes with `path`."""
+    if path == getattr(model_args, "model_name_or_path", None):
+        return getattr(model_args, "gguf_file", None)
+    return getattr(model_args, "ref_gguf_file", None)
+
+
+def weights_fingerprint(name_or_path: str, *, revision: str | None = None, gguf_file: str | None = None) -> str:
+    """sha256 over a model's config.json and safetensors files (sorted by name), streamed from disk; for a
+    GGUF checkpoint, over the GGUF file and its name.
 
     Hub names resolve to the local snapshot (no download: the weights were loaded already). An adapter
     directory's fingerprint covers its adapter_config.json and adapter weights and its base model's fingerprint.
     """
+    name_or_path, gguf_file = split_gguf(name_or_path, gguf_file)
+    if gguf_file:
+        digest = hashlib.sha256(f"gguf:{gguf_file}".encode())
+        _hash_files(digest, [Path(name_or_path) / gguf_file])
+        return digest.hexdigest()
     if is_adapter_dir(name_or_path):
         digest = hashlib.sha256(weights_fingerprint(adapter_base_path(name_or_path), revision=revision).encode())
         _hash_files(digest, [Path(name_or_path) / ADAPTER_CONFIG, *sorted(Path(name_or_path).glob("*.safetensors"))])
@@ -243,6 +282,7 @@ def load_model_from_args(model_args, name_or_path: str | None = None, *, trainab
     base = adapter_base_path(adapter) if adapter else path
     quant = quantization_config(model_args)
     model = load_model(base, torch_dtype=model_args.torch_dtype, attn_implementation=model_args.attn_implementation,
+                       gguf_file=None if adapter else gguf_of(model_args, path),
                        revision=model_args.revision, trust_remote_code=model_args.trust_remote_code,
                        trainable=trainable, quantization_config=quant)
     if adapter is None and not (model_args.use_lora and trainable):

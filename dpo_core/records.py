@@ -158,7 +158,8 @@ def _load_split(dataset_name: str, split: str, dataset_config: str | None) -> li
 
 
 def load_splits(dataset_name: str, *, split: str = "train", eval_split: str | None = None,
-                eval_fraction: float = 0.0, seed: int = 0, dataset_config: str | None = None
+                eval_fraction: float = 0.0, seed: int = 0, dataset_config: str | None = None,
+                max_train_samples: int | None = None, max_eval_samples: int | None = None
                 ) -> dict[str, list[Record]]:
     """Reads raw records from a .jsonl/.json/.parquet file, a folder of split files, or a hub dataset.
 
@@ -169,6 +170,8 @@ def load_splits(dataset_name: str, *, split: str = "train", eval_split: str | No
         eval_fraction: 0 < f < 1 carves a seeded random held-out subset out of `split`; ids are kept.
         seed: seed of that carve-out.
         dataset_config: hub config name.
+        max_train_samples / max_eval_samples: keep at most this many records of the training / held-out
+            split (after the carve-out): a seeded random selection (`seed`), in file order.
 
     Returns:
         {"train": records, "eval": records}; "eval" is absent when neither eval option is given.
@@ -182,15 +185,29 @@ def load_splits(dataset_name: str, *, split: str = "train", eval_split: str | No
                          f"holding {split}.<ext> and {eval_split}.<ext>")
     records = _load_split(dataset_name, split, dataset_config)
     if eval_split is not None:
-        return {"train": records, "eval": _load_split(dataset_name, eval_split, dataset_config)}
-    if eval_fraction == 0:
-        return {"train": records}
-    n_eval = max(1, round(eval_fraction * len(records)))
-    if n_eval >= len(records):
-        raise ConfigError(f"eval_fraction={eval_fraction} leaves no training records out of {len(records)}")
-    held_out = set(random.Random(seed).sample(range(len(records)), n_eval))
-    return {"train": [r for i, r in enumerate(records) if i not in held_out],
-            "eval": [r for i, r in enumerate(records) if i in held_out]}
+        splits = {"train": records, "eval": _load_split(dataset_name, eval_split, dataset_config)}
+    elif eval_fraction == 0:
+        splits = {"train": records}
+    else:
+        n_eval = max(1, round(eval_fraction * len(records)))
+        if n_eval >= len(records):
+            raise ConfigError(f"eval_fraction={eval_fraction} leaves no training records out of {len(records)}")
+        held_out = set(random.Random(seed).sample(range(len(records)), n_eval))
+        splits = {"train": [r for i, r in enumerate(records) if i not in held_out],
+                  "eval": [r for i, r in enumerate(records) if i in held_out]}
+    for name, limit in (("train", max_train_samples), ("eval", max_eval_samples)):
+        if name in splits:
+            splits[name] = select_records(splits[name], limit, seed=seed, split=name)
+    return splits
+
+
+def select_records(records: list[Record], limit: int | None, *, seed: int, split: str) -> list[Record]:
+    """At most `limit` records: a random selection seeded by `seed` and the split name (the same records for
+    the same seed), kept in their file order. All of them when `limit` is None or not below their number."""
+    if limit is None or limit >= len(records):
+        return records
+    kept = sorted(random.Random(f"{split}/{seed}").sample(range(len(records)), limit))
+    return [records[i] for i in kept]
 
 
 # ---------------------------------------------------------------------------------------- reporting

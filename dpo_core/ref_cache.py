@@ -65,7 +65,7 @@ def tokens_fingerprint(examples) -> str:
 def reference_fingerprint(*, ref_model_path: str, revision: str | None, tokenizer, records_by_split: dict,
                           examples_by_split: dict, data_args, torch_dtype: str, ld_alpha: float | None,
                           mixed_precision: str, seed: int | None = None,
-                          quantization: str | None = None) -> dict[str, object]:
+                          quantization: str | None = None, gguf_file: str | None = None) -> dict[str, object]:
     """Everything that decides the reference log-probs of a run, as a flat dict of named fields.
 
     The dataset *path* is left out (moving a file keeps the cache valid); its content, the ordered ids of
@@ -75,7 +75,7 @@ def reference_fingerprint(*, ref_model_path: str, revision: str | None, tokenize
         ref_model_path: the reference weights (`--ref_model_name_or_path`, else `--model_name_or_path`).
         records_by_split / examples_by_split: `{split: [Record]}` from `load_splits`, `{split: [Example]}`.
         data_args: a `DataArguments` (split names, eval carve-out, truncation settings).
-        seed: the seed of the `eval_fraction` carve-out; required when `eval_fraction > 0`.
+        seed: the seed of the `eval_fraction` carve-out and of the `max_*_samples` selection; required with them.
         quantization: how the reference's weights were quantized (`modeling.quantization_name`); recorded only
             when not None, so that caches of unquantized references keep their fingerprint.
     Returns:
@@ -83,7 +83,7 @@ def reference_fingerprint(*, ref_model_path: str, revision: str | None, tokenize
     """
     fp: dict[str, object] = {
         "format_version": FORMAT_VERSION,
-        "reference_weights": weights_fingerprint(ref_model_path, revision=revision),
+        "reference_weights": weights_fingerprint(ref_model_path, revision=revision, gguf_file=gguf_file),
         "tokenizer": tokenizer_fingerprint(tokenizer),
     }
     for split in sorted(records_by_split):
@@ -96,6 +96,12 @@ def reference_fingerprint(*, ref_model_path: str, revision: str | None, tokenize
         if seed is None:
             raise ValueError("reference_fingerprint: eval_fraction > 0 needs the seed of the carve-out")
         fp["seed_of_eval_fraction"] = seed
+    # --max_train_samples / --max_eval_samples: recorded only when given (earlier caches keep their fingerprint).
+    for name in ("max_train_samples", "max_eval_samples"):
+        if getattr(data_args, name, None) is not None:
+            if seed is None:
+                raise ValueError(f"reference_fingerprint: {name} needs the seed of the selection")
+            fp[name], fp["seed_of_selection"] = getattr(data_args, name), seed
     fp.update(asdict(data_args.tokenize_settings()))  # every setting that changes token ids
     fp.update(torch_dtype=torch_dtype, mixed_precision=str(mixed_precision), ld_alpha=ld_alpha)
     if quantization is not None:

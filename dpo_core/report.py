@@ -36,16 +36,18 @@ def read_training_curves(run_dir: str | Path) -> dict[str, dict[str, list]]:
 
 
 def save_plot(path: Path, margins: dict[str, dict], curves: dict[str, dict]) -> None:
-    """Reward-margin histograms (one panel per model, shared bins) and training curves, as a PNG (atomic)."""
+    """Reward-margin histograms (one panel per model, shared bins; none when `margins` is empty) and training
+    curves, as a PNG (atomic)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed; set here, not at import time
     import matplotlib.pyplot as plt
 
     tags = [t for t in CURVE_TAGS if any(t in c for c in curves.values())]
+    top = 1 if margins else 0  # no histogram row without margins (the model card's curves alone)
     n_top, n_bottom = max(len(margins), 1), len(tags)
     cols = max(n_top, min(n_bottom, 3), 1)
-    rows = 1 + math.ceil(n_bottom / cols)
+    rows = top + math.ceil(n_bottom / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
     for ax in axes.flat:
         ax.set_visible(False)
@@ -58,7 +60,7 @@ def save_plot(path: Path, margins: dict[str, dict], curves: dict[str, dict]) -> 
         ax.set_xlabel("beta * ((pc - rc) - (pr - rr))")
         ax.set_ylabel("pairs")
     for i, tag in enumerate(tags):
-        ax = axes[1 + i // cols][i % cols]
+        ax = axes[top + i // cols][i % cols]
         ax.set_visible(True)
         for run, run_curves in curves.items():
             if tag in run_curves:

@@ -13,7 +13,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
@@ -24,7 +23,10 @@ from .checkpoints import TrainState, load_checkpoint, prepare_output_dir, resolv
 from .config import resolved_config, save_config
 from .distributed import configure_deepspeed, make_accelerator, shutdown
 from .errors import ConfigError, DataError
+from .hub import hub_repo_id, push_output_dir
+from .model_card import write_model_card
 from .modeling import is_peft_model, merge_and_save_adapter, register_adapter_checkpointing
+from .optim import build_optimizer, parse_scheduler_kwargs
 from .trackers import RunInfo, enabled_trackers, read_run_ids, run_name_of, start_trackers, tracker_config
 from .training import total_steps
 
@@ -77,7 +79,8 @@ def schedule_and_resume(accelerator: Accelerator, optimizer, train_args, batches
     max_steps = total_steps(train_args, batches_per_epoch)
     warmup = train_args.warmup_steps or math.ceil(train_args.warmup_ratio * max_steps)
     scheduler = get_scheduler(train_args.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
-                              num_training_steps=max_steps)
+                              num_training_steps=max_steps,
+                              scheduler_specific_kwargs=parse_scheduler_kwargs(train_args.lr_scheduler_kwargs))
     state = TrainState()
     resume = resolve_resume(train_args.output_dir, train_args.resume_from_checkpoint)
     if resume is not None:
@@ -96,21 +99,10 @@ def _hparams(*configs) -> dict:
     return tracker_config(resolved_config(*configs))
 
 
-def build_optimizer(model, train_args) -> torch.optim.AdamW:
-    """AdamW; biases and norm weights get no weight decay (as transformers' Trainer does)."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if param.dim() < 2 or "norm" in name.lower() else decay).append(param)
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": train_args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=train_args.learning_rate, betas=(train_args.adam_beta1, train_args.adam_beta2),
-        eps=train_args.adam_epsilon)
-
-
 def prepare_training(accelerator, model, examples: dict, collate, train_args, *, shuffle: bool = True):
     """Data loaders (`collate(split)` gives a split's collate_fn; the training split shuffled, seeded, unless
-    `shuffle` is False), AdamW, and `accelerator.prepare`; a LoRA model's checkpoints then hold its adapter only. Returns `(model, optimizer, train_loader, eval_loader)`,
+    `shuffle` is False), the `--optim` optimizer (`dpo_core.optim`), and `accelerator.prepare`; a LoRA model's
+    checkpoints then hold its adapter only. Returns `(model, optimizer, train_loader, eval_loader)`,
     `eval_loader` None without a held-out split."""
     def loader(split, batch_size, shuffle):
         return DataLoader(PairDataset(examples[split]), batch_size=batch_size, shuffle=shuffle,
@@ -118,7 +110,7 @@ def prepare_training(accelerator, model, examples: dict, collate, train_args, *,
 
     train_loader = loader("train", train_args.per_device_train_batch_size, shuffle=shuffle)
     eval_loader = loader("eval", train_args.per_device_eval_batch_size, False) if examples.get("eval") else None
-    optimizer = build_optimizer(model, train_args)
+    optimizer = build_optimizer(model, train_args, device=accelerator.device)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
@@ -137,9 +129,12 @@ def require_examples(examples: dict, data_args) -> None:
         raise DataError(f"{data_args.dataset_name}: the held-out split has no usable records")
 
 
-def finish_run(accelerator, model, tokenizer, output_dir: Path, metrics: dict, *, model_args=None) -> dict:
+def finish_run(accelerator, model, tokenizer, output_dir: Path, metrics: dict, *, model_args=None,
+               configs: tuple = (), method: str = "dpo") -> dict:
     """The end of every training run: final model and metrics saved (and the merged adapter with
-    `--merge_adapter`), metrics printed, trackers closed."""
+    `--merge_adapter`), the model card (`README.md`, `dpo_core.model_card`; `configs`: the run's config
+    groups, `method`: dpo | sft), the hub push with `--push_to_hub` (`dpo_core.hub`), metrics printed,
+    trackers closed."""
     metrics["num_processes"] = accelerator.num_processes
     metrics["distributed_type"] = accelerator.distributed_type.value
     save_final(accelerator, model, tokenizer, output_dir, metrics)
@@ -148,8 +143,20 @@ def finish_run(accelerator, model, tokenizer, output_dir: Path, metrics: dict, *
             merge_and_save_adapter(output_dir, output_dir / "merged", model_args)
             accelerator.print(f"merged weights saved to {output_dir / 'merged'}")
         accelerator.wait_for_everyone()
-    accelerator.print(format_metrics(metrics))
+    accelerator.wait_for_everyone()
+    # The TensorBoard files complete before the card plots them and the push uploads them. end_training also ends
+    # the process group: no collective after it.
     accelerator.end_training()
+    configs = configs or tuple(c for c in (model_args,) if c is not None)
+    train_args = next((c for c in configs if hasattr(c, "push_to_hub")), None)
+    push = train_args is not None and train_args.push_to_hub
+    if accelerator.is_main_process:
+        write_model_card(output_dir, configs=configs, metrics=metrics, method=method,
+                         adapter=is_peft_model(accelerator.unwrap_model(model)),
+                         repo_id=hub_repo_id(train_args) if push else None)
+        if push:
+            accelerator.print(f"pushed to the hub: {push_output_dir(output_dir, train_args)}")
+    accelerator.print(format_metrics(metrics))
     shutdown(accelerator)
     return metrics
 

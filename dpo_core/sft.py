@@ -25,7 +25,9 @@ from pathlib import Path
 
 from . import data as data_lib
 from .config import SFTConfig, TrainArguments
+from .debug import anomaly_detection, apply_debug_preset
 from .errors import ConfigError
+from .hub import check_hub_args, checkpoint_pusher
 from .logps import position_ids_from_mask, sequence_logps, token_logps
 from .modeling import load_model_and_tokenizer
 from .runs import TrainResult, finish_run, prepare_training, require_examples, schedule_and_resume, start_run
@@ -80,6 +82,8 @@ def run_sft(model_args, data_args, train_args) -> dict:
     if train_args.forward_mode != TrainArguments.forward_mode:
         raise ConfigError(f"SFT runs right-padded batches: --forward_mode {train_args.forward_mode} applies to "
                          "DPO only")
+    apply_debug_preset(model_args, data_args, train_args)
+    check_hub_args(train_args)
     accelerator, output_dir = start_run(train_args, model_args, data_args, train_args)
 
     model, tokenizer = load_model_and_tokenizer(model_args)
@@ -96,6 +100,9 @@ def run_sft(model_args, data_args, train_args) -> dict:
                                                                    lambda split: collate, train_args)
     scheduler, state, max_steps = schedule_and_resume(accelerator, optimizer, train_args, len(train_loader),
                                                       model_args, data_args, train_args)
-    metrics = train_loop(accelerator, model, optimizer, scheduler, train_loader, sft_step, train_args,
-                         eval_loader=eval_loader, max_steps=max_steps, state=state)
-    return finish_run(accelerator, model, tokenizer, output_dir, metrics, model_args=model_args)
+    with anomaly_detection(train_args):
+        metrics = train_loop(accelerator, model, optimizer, scheduler, train_loader, sft_step, train_args,
+                             eval_loader=eval_loader, max_steps=max_steps, state=state,
+                             on_save=checkpoint_pusher(accelerator, train_args))
+    return finish_run(accelerator, model, tokenizer, output_dir, metrics, model_args=model_args,
+                      configs=(model_args, data_args, train_args), method="sft")

@@ -105,7 +105,8 @@ def train_loop(accelerator: Accelerator, model, optimizer, scheduler, train_load
                *, eval_loader=None, max_steps: int, state: TrainState | None = None,
                stop: StopSignals | None = None,
                on_step_end: Callable[[TrainState], None] | None = None,
-               batch_flops: Callable | None = None, peak_flops: float | None = None) -> dict[str, float]:
+               batch_flops: Callable | None = None, peak_flops: float | None = None,
+               on_save: Callable[[Path], None] | None = None) -> dict[str, float]:
     """Runs optimizer steps until `max_steps`; returns the last logged train metrics and eval metrics.
 
     `model`, `optimizer`, `train_loader` and `eval_loader` are already `accelerator.prepare`d. The
@@ -123,6 +124,7 @@ def train_loop(accelerator: Accelerator, model, optimizer, scheduler, train_load
     1 - real tokens processed / positions processed (`processed_tokens(batch)` / `num_positions`); `mfu` is
     `batch_flops(batch)` summed over processes per second, over `peak_flops` per process times the number
     of processes (logged when both are given). Evaluation and checkpoint time is not in the window.
+    `on_save(path)` runs on every process after each committed `--save_steps` checkpoint (the hub push).
     """
     state = state or TrainState()
     ids_log = open_example_ids_log(accelerator, train_args.output_dir, state.global_step) \
@@ -187,8 +189,10 @@ def train_loop(accelerator: Accelerator, model, optimizer, scheduler, train_load
                 eval_metrics = evaluate(accelerator, model, eval_loader, step_fn)
                 accelerator.log({f"eval/{k}": v for k, v in eval_metrics.items()}, step=step)
             if train_args.save_steps and step % train_args.save_steps == 0:
-                save_checkpoint(accelerator, train_args.output_dir, step, train_args.save_total_limit,
-                                scheduler=scheduler, state=state)
+                saved = save_checkpoint(accelerator, train_args.output_dir, step, train_args.save_total_limit,
+                                        scheduler=scheduler, state=state)
+                if on_save is not None:
+                    on_save(saved)
             paused += time.perf_counter() - t_pause
             if stop.agreed and step < max_steps:  # at the last step, finishing is the better checkpoint
                 bar.close()

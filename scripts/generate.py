@@ -25,7 +25,7 @@ from dpo_core.distributed import make_accelerator
 from dpo_core.errors import ConfigError
 from dpo_core.evaluate import named_paths
 from dpo_core.generation import generate, read_questions
-from dpo_core.modeling import load_model, load_tokenizer
+from dpo_core.modeling import gguf_of, load_model, load_tokenizer
 
 
 def _cell(text: str) -> str:
@@ -60,10 +60,12 @@ def main(argv=None):
     accelerator = make_accelerator()
     answers = {}
     for name, path in models:
-        tokenizer = load_tokenizer(path, revision=model_args.revision, trust_remote_code=model_args.trust_remote_code)
+        gguf = gguf_of(model_args, path)
+        tokenizer = load_tokenizer(path, revision=model_args.revision, trust_remote_code=model_args.trust_remote_code,
+                                   gguf_file=gguf)
         model = load_model(path, torch_dtype=model_args.torch_dtype, attn_implementation=model_args.attn_implementation,
                            revision=model_args.revision, trust_remote_code=model_args.trust_remote_code,
-                           trainable=False).to(accelerator.device)
+                           trainable=False, gguf_file=gguf).to(accelerator.device)
         answers[name] = generate(model, tokenizer, questions, **gen_args.kwargs())
         del model
     rows = [{"question": q, "answers": {n: answers[n][i] for n, _ in models}} for i, q in enumerate(questions)]

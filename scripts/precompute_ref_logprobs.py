@@ -45,7 +45,7 @@ from dpo_core.config import (
 )
 from dpo_core.distributed import make_accelerator, prepare_reference, shutdown
 from dpo_core.errors import ConfigError
-from dpo_core.modeling import load_model_from_args, load_tokenizer, quantization_name
+from dpo_core.modeling import gguf_of, load_model_from_args, load_tokenizer, quantization_name
 from dpo_core.ref_cache import (
     check_output_dir,
     compute_reference,
@@ -64,8 +64,9 @@ def main(argv=None):
     if not ref_path:
         raise ConfigError("--model_name_or_path (or --ref_model_name_or_path) is required")
     # The tokenizer is the policy's, as in dpo.py: the cache must hold log-probs of the very same token ids.
-    tokenizer = load_tokenizer(model_args.model_name_or_path or ref_path, revision=model_args.revision,
-                               trust_remote_code=model_args.trust_remote_code)
+    tok_path = model_args.model_name_or_path or ref_path
+    tokenizer = load_tokenizer(tok_path, revision=model_args.revision, trust_remote_code=model_args.trust_remote_code,
+                               gguf_file=gguf_of(model_args, tok_path))
     with accelerator.main_process_first():  # the same data pipeline as scripts/dpo.py
         records, examples = data_lib.prepare_from_args(
             data_args, tokenizer, seed=args.seed,
@@ -73,7 +74,8 @@ def main(argv=None):
     fingerprint = None
     if accelerator.is_main_process:  # hashing the weights once is enough
         fingerprint = reference_fingerprint(
-            ref_model_path=ref_path, revision=model_args.revision, tokenizer=tokenizer, records_by_split=records,
+            ref_model_path=ref_path, revision=model_args.revision, gguf_file=gguf_of(model_args, ref_path),
+            tokenizer=tokenizer, records_by_split=records,
             examples_by_split=examples, data_args=data_args, torch_dtype=model_args.torch_dtype,
             ld_alpha=args.ld_alpha, mixed_precision=accelerator.mixed_precision, seed=args.seed,
             quantization=quantization_name(model_args))

@@ -88,3 +88,36 @@ def test_alibi_models_are_refused_by_the_packed_layouts():
     mpt = make_model("mpt", d_model=64, n_heads=4, n_layers=2)
     with pytest.raises(ValueError, match="does not follow the packed layout"):
         LAYOUTS["shared_prefix"].forward(mpt, LAYOUTS["shared_prefix"].collate(pairs, 0))
+
+
+DEFAULT_FLAG_FAMILIES = [("llama", {}), ("qwen2", {}), ("qwen3", {"head_dim": 16}), ("mistral", {}),
+                         ("gemma", {"head_dim": 16}), ("gemma2", {"head_dim": 16, "sliding_window": 6}),
+                         ("gemma3_text", {"head_dim": 16, "sliding_window": 6}), ("phi3", {}), ("gpt2", {}),
+                         ("olmo2", {}), ("cohere", {}), ("granite", {})]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type,overrides", DEFAULT_FLAG_FAMILIES, ids=[m for m, _ in DEFAULT_FLAG_FAMILIES])
+def test_every_family_trains_with_default_flags(model_type, overrides, tmp_path):
+    """No --attn_implementation: transformers picks what the model supports (Gemma-2 refuses SDPA), and two DPO
+    steps run in the default layout and in shared_prefix (whose mask the chosen backend takes), the loss moving."""
+    from helpers import small_dataset
+
+    from dpo_core.config import DPOConfig
+    from dpo_core.demo import build_tiny_tokenizer
+    from dpo_core.dpo import train_dpo
+
+    tokenizer = build_tiny_tokenizer()
+    config = AutoConfig.for_model(model_type, **{**SMALL, "vocab_size": len(tokenizer),
+                                                 "pad_token_id": tokenizer.pad_token_id, **overrides})
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    data = small_dataset(tmp_path / "data", n_train=8, n_test=4)
+    for mode in ("concat", "shared_prefix"):
+        result = train_dpo(DPOConfig(
+            model_name_or_path=str(tmp_path / "model"), dataset_name=str(data), output_dir=str(tmp_path / mode),
+            max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2, max_length=64, logging_steps=1,
+            report_to=["none"], forward_mode=mode))
+        assert result.metrics["global_step"] == 2 and result.metrics["skipped_steps"] == 0, (model_type, mode)
+        assert torch.isfinite(torch.tensor(result.metrics["train_loss"])), (model_type, mode)

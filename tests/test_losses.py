@@ -1,4 +1,4 @@
-"""Tests for dpo_core/losses.py.
+"""Tests for dpo_core/losses/.
 
 Two kinds of evidence: (1) the same per-token batch fed to TRL 1.16's real ``DPOTrainer._compute_loss``
 (float64, skipped without trl) and (2) expectations derived by hand or by a naive scalar loop.

@@ -20,10 +20,8 @@ HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 
 
 @pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+def _fresh_state(fresh_accelerate_state):
+    """In-process runs one after another: each starts from a fresh accelerate state (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from ..errors import ConfigError
 from ..layouts import LAYOUTS, check_layout_flags, forward_mode_help
 from ..losses import LOSSES, needs_reference
+from ..optim import OPTIMIZERS, parse_optim_args, parse_scheduler_kwargs
 from ..trackers import DEFAULT_PROJECT, check_report_to, report_to_choices
 
 
@@ -22,6 +23,13 @@ class ModelArguments:
     ref_model_name_or_path: str | None = field(
         default=None, metadata={"help": "Reference model; default: the policy's initial weights."})
     revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)."})
+    gguf_file: str | None = field(
+        default=None,
+        metadata={"help": "A GGUF checkpoint inside --model_name_or_path (e.g. model.Q4_1.gguf; `pip install gguf`): "
+                  "dequantized to --torch_dtype; the trained model is saved as safetensors. A --model_name_or_path "
+                  "that is itself a .gguf file works too."})
+    ref_gguf_file: str | None = field(
+        default=None, metadata={"help": "The GGUF file inside --ref_model_name_or_path, when that is a GGUF checkpoint."})
     torch_dtype: str = field(
         default="float32",
         metadata={"help": "Weights dtype: float32 | bfloat16 | float16 | auto. Mixed precision (autocast) "
@@ -135,8 +143,18 @@ class DataArguments(TokenizeSettings):
         metadata={"help": "error: stop before training, listing every bad record; skip: drop them and list them "
                   "in invalid_records.jsonl (dpo.py: in --output_dir; the precompute: <output_dir>.invalid_records.jsonl)."})
 
+    max_train_samples: int | None = field(
+        default=None,
+        metadata={"help": "Keep at most N training records: a random selection seeded by --seed (the same records "
+                  "for the same seed), taken after loading (and after --eval_fraction) and before tokenization."})
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Keep at most N held-out records (seeded like --max_train_samples)."})
+
     def __post_init__(self):
         TokenizeSettings.__post_init__(self)
+        for name in ("max_train_samples", "max_eval_samples"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.on_invalid not in ("error", "skip"):
             raise ConfigError(f"--on_invalid must be error or skip, got {self.on_invalid!r}")
         if not 0.0 <= self.eval_fraction < 1.0:
@@ -256,6 +274,21 @@ class TrainArguments:
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
     adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
     adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
+    optim: str = field(
+        default="adamw_torch",
+        metadata={"help": "Optimizer, transformers' names: adamw_torch, adamw_torch_fused, adafactor (transformers' "
+                  "Adafactor, fixed learning rate), sgd, and bitsandbytes' adamw_8bit, paged_adamw_8bit, "
+                  "paged_adamw_32bit, lion_8bit (`pip install -e \".[quant]\"`; CUDA, XPU or CPU, where paged "
+                  "ones run unpaged). Biases and norm weights get no weight decay with every optimizer.",
+                  "choices": list(OPTIMIZERS)})
+    optim_args: str | None = field(
+        default=None,
+        metadata={"help": "Extra optimizer arguments as transformers' \"k=v,k=v\" string (e.g. momentum=0.9,"
+                  "nesterov=True for sgd); an argument the optimizer does not take is an error."})
+    lr_scheduler_kwargs: dict | str | None = field(
+        default=None,
+        metadata={"help": "Extra arguments of the scheduler, a JSON object (e.g. '{\"num_cycles\": 2}' for "
+                  "cosine_with_restarts), as transformers' lr_scheduler_kwargs."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0: no clipping)."})
     logging_steps: int = field(default=10, metadata={"help": "Log train metrics every N optimizer steps."})
     eval_steps: int | None = field(
@@ -289,6 +322,31 @@ class TrainArguments:
         default=False,
         metadata={"help": "Audit the data order: append each micro-batch's example ids (per rank, with step, epoch "
                   "and position) to output_dir/example_ids/rank{R}.jsonl."})
+    debug: bool = field(
+        default=False,
+        metadata={"help": "Preset for a first run on a new dataset or cluster (dpo_core/debug.py): "
+                  "--max_train_samples 256 --max_eval_samples 64 --eval_steps 5 --save_steps 5 --logging_steps 1, "
+                  "autograd anomaly detection, and runs/debug-<timestamp> without --output_dir. Flags given "
+                  "explicitly win over the preset."})
+    push_to_hub: bool = field(
+        default=False,
+        metadata={"help": "Upload the final output directory (model, tokenizer, README.md model card, config, "
+                  "results, logs) to the Hugging Face Hub from the main process. The token comes from HF_TOKEN or "
+                  "`huggingface-cli login`, never from a flag."})
+    hub_model_id: str | None = field(
+        default=None,
+        metadata={"help": "Hub repository (namespace/name); default: the name of --output_dir in your namespace, "
+                  "as transformers does."})
+    hub_private_repo: bool = field(
+        default=False, metadata={"help": "Create the repository private (default: the hub's default, public)."})
+    hub_revision: str | None = field(
+        default=None, metadata={"help": "Branch to push to (created from main when missing); default: main."})
+    hub_strategy: str = field(
+        default="end",
+        metadata={"help": "end: push the final output directory once; checkpoint: also push each committed "
+                  "checkpoint (needs --save_steps) into the repository's last-checkpoint/ folder, replacing the "
+                  "previous one, as transformers does (resume from it after downloading).",
+                  "choices": ["end", "checkpoint"]})
     peak_flops: float | None = field(
         default=None, metadata={"help": "Peak FLOP/s of one device for the logged train/mfu (default: the bf16 "
                                 "dense peak of a known GPU, else a matmul rate measured at startup)."})
@@ -304,6 +362,17 @@ class TrainArguments:
             self.report_to = [self.report_to]
         check_report_to(self.report_to)
         check_layout_flags(self.forward_mode, self.logps_chunk_size)
+        if self.optim not in OPTIMIZERS:
+            raise ConfigError(f"Unknown --optim {self.optim!r}; choose from {', '.join(OPTIMIZERS)}")
+        parse_optim_args(self.optim_args)
+        self.lr_scheduler_kwargs = parse_scheduler_kwargs(self.lr_scheduler_kwargs) or None
+        if self.hub_strategy not in ("end", "checkpoint"):
+            raise ConfigError(f"--hub_strategy must be end or checkpoint, got {self.hub_strategy!r}")
+        if not self.push_to_hub:
+            given = [f"--{name}" for name in ("hub_model_id", "hub_private_repo", "hub_revision")
+                     if getattr(self, name)] + (["--hub_strategy"] if self.hub_strategy != "end" else [])
+            if given:
+                raise ConfigError(f"{' '.join(given)} unused: add --push_to_hub")
 
 
 def _check_groups(config, flat_cls) -> None:

@@ -20,7 +20,8 @@ class PrecomputeArguments:
     ld_alpha: float | None = field(
         default=None, metadata={"help": "LD-DPO weight; must equal the --ld_alpha of the dpo.py run."})
     seed: int = field(
-        default=42, metadata={"help": "Seed of the --eval_fraction carve-out; must equal dpo.py's --seed."})
+        default=42, metadata={"help": "Seed of the --eval_fraction carve-out and of the --max_train_samples / "
+                              "--max_eval_samples selection; must equal dpo.py's --seed."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing cache at --output_dir."})
     forward_mode: str = field(
         default="concat",
