@@ -14,6 +14,7 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from .errors import MissingError, OutputExistsError
+from .trackers import RUNS_FILE
 
 
 @dataclass
@@ -54,7 +55,8 @@ TRAINER_STATE = "trainer_state.json"
 
 def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, limit: int | None, *,
                     scheduler, state: TrainState) -> Path:
-    """`save_state` into a temporary directory, then rename and mark complete; rotate old ones after.
+    """`save_state` into a temporary directory, then rename and mark complete; rotate old ones after. The
+    tracker run ids (`trackers.json`) go in too: a resume continues those runs.
 
     The loop's own state (data position, counters) and the scheduler go to JSON, not through
     `register_for_checkpointing`, whose objects accelerate reloads with an unrestricted pickle.
@@ -71,6 +73,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
     if accelerator.is_main_process:
         trainer_state = {"train_state": state.state_dict(), "scheduler": scheduler.state_dict()}
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1))
+        if (Path(output_dir) / RUNS_FILE).exists():  # the tracker runs a resume from here continues
+            shutil.copy2(Path(output_dir) / RUNS_FILE, tmp / RUNS_FILE)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

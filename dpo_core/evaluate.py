@@ -35,6 +35,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from accelerate.utils import ProjectConfiguration
 
 from . import data as data_lib
 from .batches import Example, PairDataset, collate_concat
@@ -46,6 +47,16 @@ from .layouts import LAYOUTS
 from .losses import preference_metrics, tie_tolerance
 from .modeling import gguf_of, load_model, load_tokenizer
 from .report import markdown_table, read_training_curves, save_plot
+from .trackers import (
+    DEFAULT_PROJECT,
+    RUNS_FILE,
+    RunInfo,
+    enabled_trackers,
+    log_table,
+    read_run_ids,
+    start_trackers,
+    tracker_config,
+)
 
 REFERENCE = "reference"
 QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
@@ -305,7 +316,9 @@ def _check_tokenizer(path: str, tokenizer, model_args) -> None:
 
 def evaluate_models(model_args, data_args, eval_args) -> dict:
     """Evaluates every `--models` entry against the reference; writes the outputs; returns results.json's dict."""
-    accelerator = make_accelerator()
+    report_to = enabled_trackers(eval_args.report_to)  # a missing tracker package: before any model loads
+    accelerator = make_accelerator(log_with=report_to or None, project_config=ProjectConfiguration(
+        project_dir=eval_args.output_dir or ".", logging_dir=os.path.join(eval_args.output_dir or ".", "logs")))
     accelerator.print(f"num_processes {accelerator.num_processes} ({accelerator.distributed_type}), "
                       f"device {accelerator.device}")
     if not eval_args.output_dir:
@@ -404,9 +417,51 @@ def evaluate_models(model_args, data_args, eval_args) -> dict:
     if accelerator.is_main_process:
         _finish(output_dir, eval_args, results, margins, texts, rewards, gen_pairs, prompt_by_id, model_args,
                 data_args)
+    if report_to:
+        log_to_trackers(accelerator, report_to, eval_args, results, resolved_config(model_args, data_args, eval_args))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
+
+
+def final_scalars(results: dict) -> dict[str, float]:
+    """Every number of results.json's per-model entries as `eval_final/<model>/<metric>` (nested keys joined
+    with /; histograms and paths left out)."""
+    out = {}
+
+    def walk(prefix, value):
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                if key not in ("histogram", "path"):
+                    walk(f"{prefix}/{key}", inner)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[prefix] = float(value)
+
+    for name, metrics in results["models"].items():
+        walk(f"eval_final/{name}", metrics)
+    return out
+
+
+def log_to_trackers(accelerator, names: list[str], eval_args, results: dict, config: dict) -> None:
+    """The results into the trackers' run: the one `--tracker_run_dir/trackers.json` names (the training run,
+    continued: wandb by id, mlflow by run id, trackio by name), else a new run `--run_name` with the evaluation's
+    config. Scalars at the run's next step (wandb, trackio) or step 0 (mlflow, TensorBoard); the table (one row per
+    model) where the tracker has tables."""
+    stored = read_run_ids(eval_args.tracker_run_dir) if eval_args.tracker_run_dir else {}
+    if eval_args.tracker_run_dir and not stored:
+        accelerator.print(f"warning: {eval_args.tracker_run_dir} has no {RUNS_FILE}: logging to a new tracker run")
+    run = RunInfo(eval_args.project_name or stored.get("project", DEFAULT_PROJECT),
+                  eval_args.run_name or stored.get("run_name") or Path(os.path.abspath(eval_args.output_dir)).name,
+                  str(eval_args.output_dir), resumed_step=1 if stored else 0)
+    # A continued training run keeps its own config (mlflow refuses to change a logged param).
+    start_trackers(accelerator, names, run, None if stored else tracker_config(config), stored.get("runs", {}))
+    scalars = final_scalars(results)
+    accelerator.log(scalars)
+    columns = sorted({key.split("/", 2)[2] for key in scalars})
+    rows = [[name, *[scalars.get(f"eval_final/{name}/{c}") for c in columns]] for name in results["models"]]
+    tables = log_table(accelerator, names, "eval_final/results", ["model", *columns], rows)
+    accelerator.print(f"logged {len(scalars)} eval_final scalars to {', '.join(names)} (run {run.run_name!r}"
+                      f"{', continued' if stored else ''}); the results table to {', '.join(tables) or 'none'}")
 
 
 def _gather(accelerator, items: list) -> list:

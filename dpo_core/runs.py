@@ -27,7 +27,7 @@ from .hub import hub_repo_id, push_output_dir
 from .model_card import write_model_card
 from .modeling import is_peft_model, merge_and_save_adapter, register_adapter_checkpointing
 from .optim import build_optimizer, parse_scheduler_kwargs
-from .trackers import enabled_trackers, tracker_init_kwargs
+from .trackers import RunInfo, enabled_trackers, read_run_ids, run_name_of, start_trackers, tracker_config
 from .training import total_steps
 
 
@@ -86,16 +86,17 @@ def schedule_and_resume(accelerator: Accelerator, optimizer, train_args, batches
     if resume is not None:
         load_checkpoint(accelerator, resume, scheduler=scheduler, state=state)
         accelerator.print(f"Resumed from {resume} at step {state.global_step}")
-    trackers = enabled_trackers(train_args.report_to)
-    accelerator.init_trackers("tensorboard", config=_hparams(*configs),
-                              init_kwargs=tracker_init_kwargs(trackers, state.global_step))
+    # Every tracker gets the same resolved config; a resume continues the runs whose ids the checkpoint holds.
+    run = RunInfo(train_args.project_name, run_name_of(train_args), str(train_args.output_dir), state.global_step)
+    start_trackers(accelerator, enabled_trackers(train_args.report_to), run, _hparams(*configs),
+                   run_ids=read_run_ids(resume).get("runs", {}))
     return scheduler, state, max_steps
 
 
 def _hparams(*configs) -> dict:
-    """TensorBoard hparams accept scalars and strings only; secrets never leave `resolved_config`."""
-    return {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v))
-            for k, v in resolved_config(*configs).items()}
+    """The config every tracker records: TensorBoard hparams accept scalars and strings only; secrets never
+    leave `resolved_config`."""
+    return tracker_config(resolved_config(*configs))
 
 
 def prepare_training(accelerator, model, examples: dict, collate, train_args, *, shuffle: bool = True):

@@ -40,7 +40,7 @@ def test_flat_configs_hold_every_group_and_run_every_groups_checks():
     assert "beta" not in {f.name for f in fields(SFTConfig)}
     assert SFTConfig().learning_rate == 2e-5 and DPOConfig().learning_rate == 1e-6
     for kwargs, message in (({"torch_dtype": "int3"}, "--torch_dtype"), ({"truncation_mode": "middle"},
-                            "--truncation_mode"), ({"report_to": "wandb"}, "--report_to")):
+                            "--truncation_mode"), ({"report_to": "tensorbord"}, "--report_to")):
         for flat in (DPOConfig, SFTConfig):  # model, data and train checks all run
             with pytest.raises(ValueError, match=message):
                 flat(**kwargs)

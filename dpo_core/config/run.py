@@ -13,7 +13,7 @@ from ..errors import ConfigError
 from ..layouts import LAYOUTS, check_layout_flags, forward_mode_help
 from ..losses import LOSSES, needs_reference
 from ..optim import OPTIMIZERS, parse_optim_args, parse_scheduler_kwargs
-from ..trackers import NONE, TRACKERS, check_report_to
+from ..trackers import DEFAULT_PROJECT, check_report_to, report_to_choices
 
 
 @dataclass
@@ -303,7 +303,14 @@ class TrainArguments:
         default=3, metadata={"help": "Stop after this many optimizer steps in a row with NaN/Inf loss or gradients."})
     report_to: list[str] = field(
         default_factory=lambda: ["tensorboard"],
-        metadata={"help": "Trackers to log to (several at once), or none.", "choices": [*TRACKERS, NONE]})
+        metadata={"help": "Trackers to log to (several at once, through accelerate; docs/training.md), all (every "
+                  "one installed) or none.", "choices": report_to_choices()})
+    run_name: str | None = field(
+        default=None, metadata={"help": "The run's name in the trackers; default: the --output_dir's name."})
+    project_name: str = field(
+        default=DEFAULT_PROJECT,
+        metadata={"help": "The trackers' project (wandb/trackio project, mlflow experiment; TensorBoard: the folder "
+                  "under <output_dir>/logs)."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
     forward_mode: str = field(default="concat", metadata={"help": forward_mode_help(), "choices": list(LAYOUTS)})
     logps_chunk_size: int = field(

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 
 from ..errors import ConfigError
 from ..layouts import LAYOUTS, check_layout_flags, forward_mode_help
+from ..trackers import NONE, check_report_to, report_to_choices
 
 
 @dataclass
@@ -81,10 +82,26 @@ class EvalArguments:
                               "run's seed to get its held-out pairs)."})
     plot_file: str = field(default="evaluation.png", metadata={"help": "PNG file name inside --output_dir."})
     histogram_bins: int = field(default=30, metadata={"help": "Bins of the reward-margin histograms."})
+    report_to: list[str] = field(
+        default_factory=lambda: [NONE],
+        metadata={"help": "Trackers to log the results to (eval_final/<model>/<metric> scalars, and the results "
+                  "table where the tracker has tables), all, or none.", "choices": report_to_choices()})
+    tracker_run_dir: str | None = field(
+        default=None,
+        metadata={"help": "A training run directory: its trackers.json names the tracker runs to log into (wandb "
+                  "id, mlflow run id, trackio run name) and the default --project_name/--run_name."})
+    run_name: str | None = field(
+        default=None, metadata={"help": "The trackers' run; default: the --tracker_run_dir's run, else the "
+                                "--output_dir's name (a new run)."})
+    project_name: str | None = field(
+        default=None, metadata={"help": "The trackers' project; default: the --tracker_run_dir's, else dpo_core."})
 
     def __post_init__(self):
         if isinstance(self.models, str):
             self.models = [self.models]
+        if isinstance(self.report_to, str):
+            self.report_to = [self.report_to]
+        check_report_to(self.report_to)
         if self.beta <= 0:
             raise ConfigError(f"--beta must be > 0, got {self.beta}")
         for name in ("per_device_eval_batch_size", "max_new_tokens", "generation_batch_size", "histogram_bins"):
