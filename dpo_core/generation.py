@@ -19,6 +19,8 @@ model's distribution with the given temperature and top_p, which the sampled KL 
 from __future__ import annotations
 
 import json
+import re
+import statistics
 from pathlib import Path
 
 import torch
@@ -163,3 +165,20 @@ def read_questions(path: str | Path) -> list[str]:
     if not questions:
         raise DataError(f"{path}: no questions in it")
     return questions
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
+
+
+def first_sentence(text: str) -> tuple[str, int]:
+    """The first sentence of `text` and the number of sentences (split after . ! ? before a capital)."""
+    parts = [p for p in _SENTENCE_END.split(text.strip()) if p]
+    return (parts[0] if parts else ""), len(parts)
+
+
+def answer_stats(answers: list[str]) -> dict[str, float]:
+    """Words per answer (mean, median) and the share of answers of one sentence."""
+    words = [len(a.split()) for a in answers]
+    return {"answers": len(answers), "mean_words": statistics.mean(words) if words else float("nan"),
+            "median_words": statistics.median(words) if words else float("nan"),
+            "one_sentence": sum(first_sentence(a)[1] <= 1 for a in answers) / len(answers) if answers else 0.0}

@@ -24,7 +24,7 @@ from dpo_core.config import AskArguments, GenerationArguments, ModelArguments, p
 from dpo_core.distributed import make_accelerator
 from dpo_core.errors import ConfigError
 from dpo_core.evaluate import named_paths
-from dpo_core.generation import generate, read_questions
+from dpo_core.generation import answer_stats, generate, read_questions
 from dpo_core.modeling import gguf_of, load_model, load_tokenizer
 
 
@@ -70,11 +70,15 @@ def main(argv=None):
         del model
     rows = [{"question": q, "answers": {n: answers[n][i] for n, _ in models}} for i, q in enumerate(questions)]
     print(render(rows, [n for n, _ in models], args.format))
+    stats = {name: answer_stats(answers[name]) for name, _ in models}
+    print("\n| model | answers | mean words | median words | one sentence |\n|---|---|---|---|---|")
+    for name, s in stats.items():
+        print(f"| {name} | {s['answers']} | {s['mean_words']:.1f} | {s['median_words']:.1f} | {s['one_sentence']:.0%} |")
     if args.output_file:
         path = Path(args.output_file)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({"models": dict(models), "settings": gen_args.kwargs(), "answers": rows},
+        tmp.write_text(json.dumps({"models": dict(models), "settings": gen_args.kwargs(), "answers": rows, "stats": stats},
                                   indent=2, ensure_ascii=False))
         os.replace(tmp, path)
 

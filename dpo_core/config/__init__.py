@@ -18,6 +18,7 @@ from .run import (
 from .tools import (
     AskArguments,
     BenchmarkArguments,
+    ConciseArguments,
     EvalArguments,
     GenerationArguments,
     IdentityArguments,
@@ -25,5 +26,5 @@ from .tools import (
 )
 
 __all__ = ["AskArguments", "BenchmarkArguments", "DataArguments", "DPOArguments", "DPOConfig", "EvalArguments",
-           "GenerationArguments", "IdentityArguments", "ModelArguments", "PrecomputeArguments", "SFTConfig",
+           "ConciseArguments", "GenerationArguments", "IdentityArguments", "ModelArguments", "PrecomputeArguments", "SFTConfig",
            "TokenizeSettings", "TrainArguments", "parse_config", "resolved_config", "save_config"]

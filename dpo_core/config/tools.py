@@ -176,6 +176,22 @@ class IdentityArguments:
 
 
 @dataclass
+class ConciseArguments:
+    """Flags of `scripts/build_concise_dataset.py` besides the model and generation ones."""
+
+    output_dir: str | None = field(
+        default=None, metadata={"help": "The folder to write train.jsonl, test.jsonl and held_out_questions.txt "
+                                "into (required)."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace the files of an existing --output_dir."})
+    topics_file: str | None = field(
+        default=None, metadata={"help": "Topics, one per line (.txt) or .jsonl; default: the bundled ones."})
+    held_out_topics: int = field(
+        default=16, metadata={"help": "The last N topics are asked only in the held-out split."})
+    samples_per_question: int = field(
+        default=1, metadata={"help": "Answers per question (> 1 needs --do_sample)."})
+
+
+@dataclass
 class BenchmarkArguments:
     output_dir: str = field(default="runs/benchmark", metadata={"help": "Where the model, data, runs and "
                                                                 "benchmark.json go."})
