@@ -101,10 +101,17 @@ def test_generate_script_side_by_side(tiny_model_dir, tmp_path):
     proc = run_script("generate.py", ["--models", f"a={tiny_model_dir}", f"b={tiny_model_dir}",
                                       "--question", "What is your name?", "--question", "What is rain?",
                                       "--max_new_tokens", "6", "--output_file", str(out)])
-    table = [line for line in proc.stdout.splitlines() if line.startswith("|")]
+    answers_block, stats_block = proc.stdout.strip().split("\n\n")[-2:]
+    table = [line for line in answers_block.splitlines() if line.startswith("|")]
     assert table[0] == "| question | a | b |" and len(table) == 4
     saved = json.loads(out.read_text())
     model, tok = load_model(str(tiny_model_dir), trainable=False), load_tokenizer(str(tiny_model_dir))
     expected = generate(model, tok, ["What is your name?", "What is rain?"], max_new_tokens=6)
     assert [row["answers"]["a"] for row in saved["answers"]] == expected
     assert [row["answers"]["b"] for row in saved["answers"]] == expected
+    # the words-per-answer table: one row per model, mean words counted here independently
+    stats = [line.split("|")[1:-1] for line in stats_block.splitlines()[2:]]
+    mean_words = sum(len(a.split()) for a in expected) / len(expected)
+    assert [cells[0].strip() for cells in stats] == ["a", "b"]
+    assert all(int(cells[1]) == 2 and abs(float(cells[2]) - mean_words) < 0.051 for cells in stats)
+    assert saved["stats"]["a"]["answers"] == 2

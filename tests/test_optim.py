@@ -123,6 +123,8 @@ def test_lr_scheduler_kwargs_reach_the_scheduler(tmp_path):
     from dpo_core.runs import schedule_and_resume
 
     class FakeAccelerator:
+        is_main_process = True
+
         def init_trackers(self, *args, **kwargs):
             pass
 
