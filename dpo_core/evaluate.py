@@ -343,7 +343,8 @@ def evaluate_models(model_args, data_args, eval_args) -> dict:
         _check_tokenizer(path, tokenizer, model_args)
     with accelerator.main_process_first():  # tokenized exactly as scripts/dpo.py does
         records, examples = data_lib.prepare_from_args(data_args, tokenizer, seed=eval_args.seed,
-                                                       report_path=output_dir / "invalid_records.jsonl")
+                                                       report_path=output_dir / "invalid_records.jsonl",
+                                                       progress=accelerator.is_main_process)
     split = "eval" if "eval" in examples else "train"
     split_name = data_args.eval_split or (f"{data_args.dataset_split} (eval_fraction {data_args.eval_fraction})"
                                           if split == "eval" else data_args.dataset_split)

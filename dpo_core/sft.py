@@ -94,7 +94,8 @@ def run_sft(model_args, data_args, train_args, *, stop: StopSignals | None = Non
     with accelerator.main_process_first():
         _, examples = data_lib.prepare_from_args(data_args, tokenizer, seed=train_args.seed,
                                                  report_path=output_dir / "invalid_records.jsonl",
-                                                 tokenize=tokenize_sft_records)
+                                                 tokenize=tokenize_sft_records,
+                                                 progress=accelerator.is_main_process)
     require_examples(examples, data_args)
 
     collate = partial(collate_sft, pad_token_id=tokenizer.pad_token_id)

@@ -13,6 +13,12 @@ _ROOT = str(Path(__file__).resolve().parents[1])
 os.environ["PYTHONPATH"] = os.pathsep.join([_ROOT, *filter(None, [os.environ.get("PYTHONPATH")])])
 
 
+@pytest.fixture(scope="session", autouse=True)
+def prepared_data_store(tmp_path_factory):
+    """Prepared data goes to a folder of this session (the scripts the tests start inherit it), not ~/.cache."""
+    os.environ["DPO_CORE_CACHE"] = str(tmp_path_factory.mktemp("prepared-data"))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A directory with the tiny demo model and tokenizer (`from_pretrained`-ready)."""

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -126,3 +127,17 @@ def resume_args(model, data, out, *extra) -> list[str]:
             "--max_length", "64", "--learning_rate", "5e-3", "--logging_steps", "1", "--seed", "5",
             "--max_steps", str(RESUME_STEPS), "--per_device_train_batch_size", "2",
             "--gradient_accumulation_steps", "2", "--log_example_ids", "--resume_from_checkpoint", "latest", *extra]
+
+
+def trl_tokenize(rows: list[dict], tokenizer) -> list[dict]:
+    """TRL 1.16's own `DPOTrainer._prepare_dataset` (the test-only oracle of tokenization), called with the few
+    attributes it reads."""
+    import types
+
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from trl.trainer.dpo_trainer import DPOTrainer
+
+    fake_self = types.SimpleNamespace(_tokenizer=tokenizer)
+    args = types.SimpleNamespace(dataset_num_proc=None, max_length=None, truncation_mode="keep_start")
+    return DPOTrainer._prepare_dataset(fake_self, Dataset.from_list(rows), tokenizer, args, "test").to_list()

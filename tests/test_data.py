@@ -3,11 +3,11 @@
 import copy
 import json
 import logging
-import types
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import trl_tokenize
 
 from dpo_core import data as D
 from dpo_core.batches import PairDataset, collate_concat
@@ -88,17 +88,6 @@ def _tokenize(rows, tokenizer, settings=NO_LIMIT):
     return examples
 
 
-def _trl_tokenize(rows, tokenizer):
-    """TRL 1.16's own `DPOTrainer._prepare_dataset`, called with the few attributes it reads."""
-    pytest.importorskip("trl")
-    from datasets import Dataset
-    from trl.trainer.dpo_trainer import DPOTrainer
-
-    fake_self = types.SimpleNamespace(_tokenizer=tokenizer)
-    args = types.SimpleNamespace(dataset_num_proc=None, max_length=None, truncation_mode="keep_start")
-    return DPOTrainer._prepare_dataset(fake_self, Dataset.from_list(rows), tokenizer, args, "test").to_list()
-
-
 # ------------------------------------------------------------------------------------------ tokenization
 
 @pytest.mark.parametrize("rows", [STANDARD, IMPLICIT_STANDARD, CONVERSATIONAL, IMPLICIT_CONVERSATIONAL],
@@ -107,7 +96,7 @@ def _trl_tokenize(rows, tokenizer):
 def test_tokenization_matches_trl(rows, which, tok, tok_no_bos):
     tokenizer = tok if which == "bos" else tok_no_bos
     ours = _tokenize(rows, tokenizer)
-    theirs = _trl_tokenize(rows, tokenizer)
+    theirs = trl_tokenize(rows, tokenizer)
     assert [(e.prompt_ids, e.chosen_ids, e.rejected_ids) for e in ours] == \
            [(t["prompt_ids"], t["chosen_ids"], t["rejected_ids"]) for t in theirs]
     assert [e.id for e in ours] == list(range(len(rows)))

