@@ -70,7 +70,8 @@ def main(argv=None):
     with accelerator.main_process_first():  # the same data pipeline as scripts/dpo.py
         records, examples = data_lib.prepare_from_args(
             data_args, tokenizer, seed=args.seed,
-            report_path=output_dir.with_name(output_dir.name + ".invalid_records.jsonl"))
+            report_path=output_dir.with_name(output_dir.name + ".invalid_records.jsonl"),
+            progress=accelerator.is_main_process)
     fingerprint = None
     if accelerator.is_main_process:  # hashing the weights once is enough
         fingerprint = reference_fingerprint(
