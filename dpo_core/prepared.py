@@ -108,6 +108,39 @@ class ExampleArrays(Sequence):
         return cls(*(np.load(folder / name, mmap_mode="r", allow_pickle=False) for name in FILES))
 
 
+class _StreamWriter:
+    """Writes `ExampleArrays` parts into a folder as they come: the tokens go straight to `tokens.npy` (its
+    fixed-size header written last), only ids and offsets stay in memory, so no more than one part's tokens
+    is ever held here, however large the data."""
+
+    HEADER = 128  # bytes of a 1-D .npy header (version 1.0) for any length below 10**15
+
+    def __init__(self, folder: Path):
+        self.folder, self.ids, self.offsets, self.n = folder, [], [np.zeros(1, np.int64)], 0
+        self.file = open(folder / "tokens.npy", "wb")
+        self.file.seek(self.HEADER)
+
+    def append(self, part: ExampleArrays) -> None:
+        self.file.write(np.ascontiguousarray(part.tokens, dtype="<i4").tobytes())
+        self.ids.append(np.asarray(part.ids, dtype=np.int64))
+        self.offsets.append(np.asarray(part.offsets[1:], dtype=np.int64) + self.n)
+        self.n += int(part.offsets[-1])
+
+    def close(self) -> dict[str, str]:
+        import io
+
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, {"descr": "<i4", "fortran_order": False, "shape": (self.n,)})
+        if header.tell() != self.HEADER:
+            raise RuntimeError(f"unexpected .npy header size {header.tell()} for {self.n} tokens")
+        self.file.seek(0)
+        self.file.write(header.getvalue())
+        self.file.close()
+        np.save(self.folder / "ids.npy", np.concatenate(self.ids or [np.zeros(0, np.int64)]), allow_pickle=False)
+        np.save(self.folder / "offsets.npy", np.concatenate(self.offsets), allow_pickle=False)
+        return {name: _file_sha256(self.folder / name) for name in FILES}
+
+
 def _file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -132,9 +165,11 @@ def _tokenize_chunk(records: list[Record]) -> tuple[ExampleArrays, list[Problem]
 
 
 def tokenize_parallel(records: list[Record], tokenizer, settings, tokenize, *, num_proc: int,
-                      desc: str = "tokenizing", progress: bool = True) -> tuple[ExampleArrays, list[Problem]]:
+                      desc: str = "tokenizing", progress: bool = True, sink=None
+                      ) -> tuple[ExampleArrays | None, list[Problem]]:
     """`tokenize(records, tokenizer, settings)` over `num_proc` worker processes, chunk by chunk, in input order,
-    with a progress bar (records, rate, ETA). One process where the records are few or `num_proc <= 1`."""
+    with a progress bar (records, rate, ETA). One process where the records are few or `num_proc <= 1`.
+    With `sink`, each chunk's arrays go to `sink(part)` as they come and the returned arrays are None."""
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(records), desc=desc, unit=" records", disable=not progress or len(records) < CHUNK,
@@ -144,7 +179,8 @@ def tokenize_parallel(records: list[Record], tokenizer, settings, tokenize, *, n
     if num_proc <= 1 or len(records) < POOL_MIN_RECORDS:
         for chunk in chunks:
             examples, found = tokenize(chunk, tokenizer, settings)
-            parts.append(ExampleArrays.from_examples(examples))
+            part = ExampleArrays.from_examples(examples)
+            sink(part) if sink else parts.append(part)
             problems += found
             bar.update(len(chunk))
     else:
@@ -155,11 +191,11 @@ def tokenize_parallel(records: list[Record], tokenizer, settings, tokenize, *, n
         with multiprocessing.get_context(method).Pool(min(num_proc, len(chunks)), _init_worker,
                                                       (tokenizer, settings, tokenize)) as pool:
             for part, found, n in pool.imap(_tokenize_chunk, chunks):
-                parts.append(part)
+                sink(part) if sink else parts.append(part)
                 problems += found
                 bar.update(n)
     bar.close()
-    return ExampleArrays.concatenate(parts), problems
+    return (None if sink else ExampleArrays.concatenate(parts)), problems
 
 
 # ------------------------------------------------------------------------------------------------ store
@@ -208,23 +244,32 @@ class PreparedStore:
             return None
         return arrays, problems
 
-    def _write(self, folder: Path, arrays: ExampleArrays, problems: list[Problem], key: str) -> None:
+    def _build(self, folder: Path, key: str, records, tokenizer, settings, tokenize, num_proc, desc, progress
+               ) -> tuple[int, list[Problem]]:
+        """Tokenizes into a temporary folder beside `folder`, then renames it into place (atomic)."""
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key[:16]}.", dir=self.root))
         try:
-            digests = arrays.save(tmp)
+            writer = _StreamWriter(tmp)
+            try:
+                _, problems = tokenize_parallel(records, tokenizer, settings, tokenize, num_proc=num_proc, desc=desc,
+                                                progress=progress, sink=writer.append)
+            finally:
+                digests = writer.close()
             with open(tmp / "problems.jsonl", "w", encoding="utf-8") as f:
                 for p in problems:
                     f.write(json.dumps(dataclasses.asdict(p), ensure_ascii=False) + "\n")
             digests["problems.jsonl"] = _file_sha256(tmp / "problems.jsonl")
-            meta = {"format": FORMAT_VERSION, "key": key, "num_examples": len(arrays), "num_problems": len(problems),
-                    "num_tokens": int(arrays.offsets[-1]), "sha256": digests}
+            n = sum(len(i) for i in writer.ids)
+            meta = {"format": FORMAT_VERSION, "key": key, "num_examples": n, "num_problems": len(problems),
+                    "num_tokens": writer.n, "sha256": digests}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))  # last: an entry without it is incomplete
             try:
                 os.rename(tmp, folder)  # atomic; fails where another process got there first
             except OSError:
                 if not (folder / "meta.json").exists():
                     raise
+            return n, problems
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -242,14 +287,16 @@ class PreparedStore:
             if found is not None:
                 logger.info("%s: %d pairs read from the prepared-data store (%s)", desc, len(found[0]), folder)
                 return found
-        arrays, problems = tokenize_parallel(records, tokenizer, settings, tokenize,
-                                             num_proc=num_proc or default_num_proc(), desc=desc, progress=progress)
-        logger.info("%s: %d pairs tokenized, stored in %s", desc, len(arrays), folder)
+        num_proc = num_proc or default_num_proc()
         try:
-            self._write(folder, arrays, problems, key)
+            n, problems = self._build(folder, key, records, tokenizer, settings, tokenize, num_proc, desc, progress)
         except OSError as e:  # a read-only or full disk: train anyway, say why nothing was stored
             logger.warning("could not store the prepared data in %s (%s); it is prepared again next time",
                            self.root, e)
-            return arrays, problems
-        found = self._read(folder)  # the mapped copy: its pages are shared, the arrays built here are freed
-        return found if found is not None else (arrays, problems)
+            return tokenize_parallel(records, tokenizer, settings, tokenize, num_proc=num_proc, desc=desc,
+                                     progress=progress)
+        logger.info("%s: %d pairs tokenized, stored in %s", desc, n, folder)
+        found = self._read(folder)
+        if found is None:
+            raise RuntimeError(f"the prepared data just written to {folder} does not read back")
+        return found

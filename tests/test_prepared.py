@@ -167,3 +167,12 @@ def test_tokens_fingerprint_of_mapped_arrays_equals_the_per_example_loop():
     assert tokens_fingerprint(arrays) == tokens_fingerprint(examples)
     examples[12_345].chosen_ids.append(7)
     assert tokens_fingerprint(P.ExampleArrays.from_examples(examples)) != tokens_fingerprint(arrays)
+
+
+def test_no_valid_record_is_an_empty_entry_that_keeps_every_problem(tok, tmp_path):
+    records = [D.Record(i, "mem", f"row {i}", {"prompt": "Hi", "chosen": "Hello"}) for i in range(3)]
+    store = P.PreparedStore(tmp_path)
+    for _ in range(2):  # built, then read
+        examples, problems = store.tokenize(records, tok, SETTINGS, num_proc=1, progress=False)
+        assert len(examples) == 0 and [(p.location, p.field) for p in problems] == \
+            [(f"row {i}", "rejected") for i in range(3)]
