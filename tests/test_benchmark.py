@@ -71,3 +71,22 @@ def test_benchmark_end_to_end_against_trl(tmp_path):
             for key in ("logps_chosen", "logps_rejected"):
                 assert steps[0][key] == pytest.approx(trl_steps[0][key], rel=1e-5), (name, key)
             assert steps[1]["loss"] == pytest.approx(trl_steps[1]["loss"], abs=1e-4), name
+
+
+@pytest.mark.slow
+def test_data_scale_benchmark_tokenizes_as_trl_does(tiny_model_dir, tmp_path):
+    """benchmarks/data_scale.py on 300 pairs: every configuration sees every pair, ours (first and reused) and
+    TRL's preprocessing produce the identical token ids, and the store it measured is removed after."""
+    pytest.importorskip("trl")
+    run_script("benchmarks/data_scale.py", ["--num_pairs", "300", "--output_dir", str(tmp_path),
+                                            "--tokenizer", str(tiny_model_dir), "--num_proc", "2",
+                                            "--configs", "ours_first", "ours_reuse", "trl"])
+    report = json.loads((tmp_path / "data_scale.json").read_text())
+    results = report["results"]
+    assert set(results) == {"ours_first", "ours_reuse", "trl"}
+    assert all(r["pairs"] == 300 and r["seconds"] > 0 and r["peak_rss_mb"] > 50 for r in results.values())
+    digests = {results[name]["ids_sha256"] for name in ("ours_first", "ours_reuse", "trl")}
+    assert len(digests) == 1 and None not in digests
+    assert not (tmp_path / "store").exists()
+    lines = (tmp_path / "pairs-300-seed0.jsonl").read_text().splitlines()
+    assert len(lines) == 300 and all(json.loads(line)["prompt"].endswith("?") for line in lines)
