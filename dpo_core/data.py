@@ -17,7 +17,6 @@ Nothing is dropped silently: every record that does not become an `Example` is e
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -35,6 +34,7 @@ from .records import (  # noqa: F401  (re-exported: the data layer's one import 
     dataset_fingerprint,
     load_splits,
     problem_counts,
+    tokenizer_fingerprint,
 )
 
 logger = logging.getLogger(__name__)
@@ -349,7 +349,7 @@ def prepare_examples(dataset_name: str, tokenizer, settings: TokenizeSettings, *
         if store is None:
             examples[name], problems = (tokenize or tokenize_records)(split_records, tokenizer, settings)
         else:
-            examples[name], problems = store.tokenize(split_records, tokenizer, settings, tokenize,
+            examples[name], problems = store.tokenize(split_records, tokenizer, settings, tokenize or tokenize_records,
                                                       num_proc=num_proc, desc=f"tokenizing {name}", progress=progress)
         all_problems += problems
         logger.info("%s: %d of %d records tokenized", name, len(examples[name]), len(split_records))
@@ -369,18 +369,3 @@ def prepare_from_args(data_args, tokenizer, *, seed: int, report_path: str | Pat
                             max_eval_samples=getattr(data_args, "max_eval_samples", None),
                             cache_dir=data_args.cache_location(), num_proc=data_args.dataset_num_proc,
                             progress=progress)
-
-
-# ---------------------------------------------------------------------------------------- fingerprints
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """sha256 of everything that decides token ids here: vocabulary, merges, normalizer, pre-tokenizer and
-    post-processor (the fast backend's JSON), chat template, bos/eos/pad tokens and padding/truncation side."""
-    if getattr(tokenizer, "is_fast", False):
-        backend = tokenizer.backend_tokenizer.to_str()
-    else:
-        backend = json.dumps(sorted(tokenizer.get_vocab().items()))
-    state = {"backend": backend, "chat_template": tokenizer.chat_template,
-             "special": [str(tokenizer.bos_token), str(tokenizer.eos_token), str(tokenizer.pad_token)],
-             "sides": [tokenizer.padding_side, tokenizer.truncation_side]}
-    return hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode("utf-8")).hexdigest()

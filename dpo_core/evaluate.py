@@ -23,6 +23,9 @@ Several processes (`accelerate launch`): pairs are sharded by accelerate's datal
 processes and gathered with `gather_object`; metrics are computed once, on the main process. Every sampled
 completion has its own generator seeded from (`--seed`, example id, sample index), so samples do not depend
 on the number of processes or the batch size (up to float noise of differently padded batches).
+
+Past ~450 lines on purpose: each metric above is a short function, and they share one sharded pass over the
+pairs; the rendering of results lives in `report.py`.
 """
 
 from __future__ import annotations

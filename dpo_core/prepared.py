@@ -1,7 +1,7 @@
 """Tokenize once: prepared pairs stored on disk under a fingerprint, memory-mapped, reused by every stage.
 
     store = PreparedStore.default()                              # $DPO_CORE_CACHE or ~/.cache/dpo_core/data
-    examples, problems = store.tokenize(records, tokenizer, settings, num_proc=4)
+    examples, problems = store.tokenize(records, tokenizer, settings, tokenize_records, num_proc=4)
 
 The key of a store entry is a sha256 over everything that decides the result: every record's content and id
 (so a changed byte, or another selection, is another entry), the tokenizer (vocabulary, normalizer, chat
@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .batches import Example
-from .records import Problem, Record, dataset_fingerprint
+from .records import Problem, Record, dataset_fingerprint, tokenizer_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -215,8 +215,6 @@ class PreparedStore:
         return cls(os.environ.get("DPO_CORE_CACHE") or Path("~/.cache/dpo_core/data").expanduser())
 
     def key(self, records: list[Record], tokenizer, settings, tokenize) -> str:
-        from .data import tokenizer_fingerprint
-
         state = {"format": FORMAT_VERSION, "records": dataset_fingerprint(records),
                  "sources": sorted({r.source for r in records}),  # a problem names its file: part of the result
                  "tokenizer": tokenizer_fingerprint(tokenizer), "settings": _settings_dict(settings),
@@ -273,13 +271,11 @@ class PreparedStore:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def tokenize(self, records: list[Record], tokenizer, settings, tokenize=None, *, num_proc: int | None = None,
+    def tokenize(self, records: list[Record], tokenizer, settings, tokenize, *, num_proc: int | None = None,
                  desc: str = "tokenizing", progress: bool = True) -> tuple[ExampleArrays, list[Problem]]:
         """The prepared pairs and problems of `records`: read from the store where an intact entry has this
-        key, otherwise tokenized (`tokenize_parallel`) and stored. Same result as `tokenize(records, ...)`."""
-        from .data import tokenize_records
-
-        tokenize = tokenize or tokenize_records
+        key, otherwise tokenized (`tokenize_parallel`) and stored. Same result as `tokenize(records, tokenizer,
+        settings)` (`data.tokenize_records`, or SFT's `sft_data.tokenize_sft_records`)."""
         key = self.key(records, tokenizer, settings, tokenize)
         folder = self.root / key
         if folder.exists():

@@ -261,3 +261,16 @@ def dataset_fingerprint(records: list[Record]) -> str:
         h.update(json.dumps([r.id, r.data], sort_keys=True, ensure_ascii=False, separators=(",", ":"),
                             default=str).encode("utf-8") + b"\n")
     return h.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of everything that decides token ids here: vocabulary, merges, normalizer, pre-tokenizer and
+    post-processor (the fast backend's JSON), chat template, bos/eos/pad tokens and padding/truncation side."""
+    if getattr(tokenizer, "is_fast", False):
+        backend = tokenizer.backend_tokenizer.to_str()
+    else:
+        backend = json.dumps(sorted(tokenizer.get_vocab().items()))
+    state = {"backend": backend, "chat_template": tokenizer.chat_template,
+             "special": [str(tokenizer.bos_token), str(tokenizer.eos_token), str(tokenizer.pad_token)],
+             "sides": [tokenizer.padding_side, tokenizer.truncation_side]}
+    return hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode("utf-8")).hexdigest()

@@ -1,6 +1,6 @@
 """The reference cache: per-pair reference log-probs computed once, offline, and read by training.
 
-A cache is a directory (DESIGN.md, "Reference cache"):
+A cache is a directory (docs/reference-cache.md):
 
     manifest.json        format version, fingerprint, per split {num_examples, file, sha256}, created_at
     train.safetensors    ids (int64, ascending), chosen_logps, rejected_logps (float32, or float64)
@@ -10,6 +10,9 @@ A cache is a directory (DESIGN.md, "Reference cache"):
 reads it with `load_cache`, which refuses a cache computed for other weights, tokenizer, data, selection,
 truncation, dtype, mixed precision or `ld_alpha` and names every field that differs. Only safetensors and
 JSON are read: a cache can never execute code (no pickle).
+
+One module past ~450 lines on purpose: writing, fingerprinting, verifying and reading a cache must agree on
+one format, and keeping them side by side is what keeps them agreeing.
 """
 
 from __future__ import annotations

@@ -51,6 +51,24 @@ def run_script(script: str, args: list[str], *, processes: int = 1, check: bool 
     return proc
 
 
+def run_main(script: str, args: list[str], capsys) -> tuple[int, str, str]:
+    """`scripts/X.py` run in this process as the script runs itself (`run_cli(main, args)`): (exit code, stdout,
+    stderr). For user errors found before training, without the seconds a new interpreter spends on imports."""
+    import runpy
+
+    from dpo_core.cli import run_cli
+
+    main = runpy.run_path(str(ROOT / "scripts" / script), run_name="in_process")["main"]
+    capsys.readouterr()
+    try:
+        run_cli(main, args)
+        code = 0
+    except SystemExit as stop:
+        code = stop.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def read_scalars(logdir: str | Path) -> dict[str, dict[int, float]]:
     """Every scalar of every TensorBoard event file under `logdir`: {tag: {step: value}}."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -55,7 +55,7 @@ def test_store_equals_tokenize_records_and_is_reused(tok, tmp_path, monkeypatch,
     records = _records()
     expected, expected_problems = D.tokenize_records(records, tok, SETTINGS)
     store = P.PreparedStore(tmp_path)
-    got, problems = store.tokenize(records, tok, SETTINGS, num_proc=num_proc, progress=False)
+    got, problems = store.tokenize(records, tok, SETTINGS, D.tokenize_records, num_proc=num_proc, progress=False)
     assert _as_lists(got) == _as_lists(expected) and problems == expected_problems
     assert {p.location for p in problems} == {records[5].location, records[17].location}
     assert len(list(tmp_path.iterdir())) == 1
@@ -64,7 +64,7 @@ def test_store_equals_tokenize_records_and_is_reused(tok, tmp_path, monkeypatch,
         raise AssertionError("tokenized again although nothing changed")
 
     monkeypatch.setattr(P, "tokenize_parallel", no_tokenizing)
-    again, again_problems = store.tokenize(records, tok, SETTINGS, num_proc=num_proc, progress=False)
+    again, again_problems = store.tokenize(records, tok, SETTINGS, D.tokenize_records, num_proc=num_proc, progress=False)
     assert isinstance(again.tokens, np.memmap)
     assert _as_lists(again) == _as_lists(expected) and again_problems == expected_problems
 
@@ -84,8 +84,8 @@ def test_a_changed_byte_a_setting_or_the_tokenize_function_is_another_entry(tok,
     assert store.key(records, other_template, SETTINGS, D.tokenize_records) != key
     assert store.key(_records(), tok, SETTINGS, D.tokenize_records) == key  # the same content: the same entry
 
-    store.tokenize(records, tok, SETTINGS, num_proc=1, progress=False)
-    got, _ = store.tokenize(changed, tok, SETTINGS, num_proc=1, progress=False)
+    store.tokenize(records, tok, SETTINGS, D.tokenize_records, num_proc=1, progress=False)
+    got, _ = store.tokenize(changed, tok, SETTINGS, D.tokenize_records, num_proc=1, progress=False)
     assert _as_lists(got) == _as_lists(D.tokenize_records(changed, tok, SETTINGS)[0])
     assert len(list(tmp_path.iterdir())) == 2
 
@@ -93,7 +93,7 @@ def test_a_changed_byte_a_setting_or_the_tokenize_function_is_another_entry(tok,
 @pytest.mark.parametrize("damage", ["flip a token byte", "truncate the offsets", "no meta.json", "bad meta.json"])
 def test_a_corrupt_or_half_written_entry_is_rebuilt_never_used(tok, tmp_path, damage, caplog):
     store, records = P.PreparedStore(tmp_path), _records()
-    expected, _ = store.tokenize(records, tok, SETTINGS, num_proc=1, progress=False)
+    expected, _ = store.tokenize(records, tok, SETTINGS, D.tokenize_records, num_proc=1, progress=False)
     expected = _as_lists(expected)
     folder = tmp_path / store.key(records, tok, SETTINGS, D.tokenize_records)
     if damage == "flip a token byte":
@@ -108,7 +108,7 @@ def test_a_corrupt_or_half_written_entry_is_rebuilt_never_used(tok, tmp_path, da
     else:
         (folder / "meta.json").write_text('{"format": 1, "sha256": {')
     with caplog.at_level(logging.WARNING, logger="dpo_core.prepared"):
-        got, _ = store.tokenize(records, tok, SETTINGS, num_proc=1, progress=False)
+        got, _ = store.tokenize(records, tok, SETTINGS, D.tokenize_records, num_proc=1, progress=False)
     assert _as_lists(got) == expected
     assert "unusable" in caplog.text and str(folder) in caplog.text
     assert json.loads((folder / "meta.json").read_text())["num_examples"] == len(expected)
@@ -118,7 +118,7 @@ def test_leftover_temporary_folders_are_never_read(tok, tmp_path):
     store, records = P.PreparedStore(tmp_path), _records()
     key = store.key(records, tok, SETTINGS, D.tokenize_records)
     (tmp_path / f".{key[:16]}.crashed").mkdir(parents=True)  # a writer killed before its rename
-    got, _ = store.tokenize(records, tok, SETTINGS, num_proc=1, progress=False)
+    got, _ = store.tokenize(records, tok, SETTINGS, D.tokenize_records, num_proc=1, progress=False)
     assert _as_lists(got) == _as_lists(D.tokenize_records(records, tok, SETTINGS)[0])
     assert (tmp_path / key / "meta.json").exists()
 
@@ -173,6 +173,6 @@ def test_no_valid_record_is_an_empty_entry_that_keeps_every_problem(tok, tmp_pat
     records = [D.Record(i, "mem", f"row {i}", {"prompt": "Hi", "chosen": "Hello"}) for i in range(3)]
     store = P.PreparedStore(tmp_path)
     for _ in range(2):  # built, then read
-        examples, problems = store.tokenize(records, tok, SETTINGS, num_proc=1, progress=False)
+        examples, problems = store.tokenize(records, tok, SETTINGS, D.tokenize_records, num_proc=1, progress=False)
         assert len(examples) == 0 and [(p.location, p.field) for p in problems] == \
             [(f"row {i}", "rejected") for i in range(3)]
