@@ -45,8 +45,10 @@ def split_gguf(name_or_path: str, gguf_file: str | None = None) -> tuple[str, st
 
 def _serializable(model) -> None:
     """A GGUF checkpoint is dequantized while loading (plain `torch_dtype` tensors), but transformers still marks
-    the model quantized and refuses `save_pretrained`: drop the marks, so that training saves safetensors."""
+    the model quantized and refuses `save_pretrained` (and transformers' Trainer, TRL, refuse to train it): drop
+    the marks, so that training saves safetensors and the model is the plain model it is."""
     model.hf_quantizer = None
+    model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 import yaml
-from helpers import DEMO_DATA, load_weights, read_scalars, results, run_script, small_dataset
+from helpers import DEMO_DATA, load_weights, read_scalars, results, run_main, run_script, small_dataset
 
 TAGS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
         "logps/rejected"]
@@ -177,16 +177,20 @@ def test_cached_reference_gives_the_online_reference_losses_and_rewards(tiny_mod
 
 
 @pytest.mark.slow
-def test_user_errors_end_with_a_message_not_a_traceback(tiny_model_dir, data_dir, tmp_path):
+def test_user_errors_end_with_a_message_not_a_traceback(tiny_model_dir, data_dir, tmp_path, capsys,
+                                                        fresh_accelerate_state):
+    # The script's main in this process (run_main): the same run_cli, without a new interpreter's imports.
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
-    proc = run_script("dpo.py", dpo_args(tiny_model_dir, empty, tmp_path / "e", "--max_steps", "1"), check=False)
-    assert proc.returncode == 1
-    assert "no usable training records" in proc.stderr and "Traceback" not in proc.stderr
+    code, _, err = run_main("dpo.py", dpo_args(tiny_model_dir, empty, tmp_path / "e", "--max_steps", "1"), capsys)
+    assert code == 1
+    assert "no usable training records" in err and "Traceback" not in err
     # An earlier run in the output directory is not silently mixed with a new one.
     out = tmp_path / "run"
     run_script("dpo.py", dpo_args(tiny_model_dir, data_dir, out, "--max_steps", "1"))
-    again = run_script("dpo.py", dpo_args(tiny_model_dir, data_dir, out, "--max_steps", "2"), check=False)
-    assert again.returncode == 1 and "--overwrite_output_dir" in again.stderr
-    run_script("dpo.py", dpo_args(tiny_model_dir, data_dir, out, "--max_steps", "2", "--overwrite_output_dir"))
+    code, _, err = run_main("dpo.py", dpo_args(tiny_model_dir, data_dir, out, "--max_steps", "2"), capsys)
+    assert code == 1 and "--overwrite_output_dir" in err
+    code, _, err = run_main("dpo.py", dpo_args(tiny_model_dir, data_dir, out, "--max_steps", "2",
+                                               "--overwrite_output_dir"), capsys)
+    assert code == 0, err[-3000:]
     assert set(read_scalars(out / "logs")["train/loss"]) == {1, 2}
