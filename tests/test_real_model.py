@@ -194,7 +194,8 @@ def test_one_dpo_step_loss_equals_trl(smollm, examples):
                          train_dataset=Dataset.from_list(PAIRS))
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(PAIRS))])
     theirs = trainer.compute_loss(policy, batch)
-    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    mode = "train" if trainer.model.training else "eval"  # TRL files its metrics under the model's mode
+    metrics = {k: v[-1] for k, v in trainer._metrics[mode].items()}
     assert abs(ours.item() - 0.6931) > 1e-3  # the policy has moved: not the trivial ln 2
     assert ours.item() == pytest.approx(theirs.item(), abs=1e-5)
     assert stats["rewards/chosen"].mean().item() == pytest.approx(metrics["rewards/chosen"], abs=1e-5)
