@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from .config.parsing import _SECRET, resolved_config
+from .records import parse_sources
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +143,8 @@ def write_model_card(output_dir: str | Path, *, configs: tuple, metrics: dict, m
     # On the hub, base_model must name a hub model (the hub refuses the card otherwise): a local base
     # directory stays in the body only when the card is pushed.
     hub_base = base if not (repo_id and base and Path(base).expanduser().exists()) else None
-    data = ModelCardData(base_model=hub_base, datasets=[dataset] if is_hub_dataset(dataset) else None,
+    hub_datasets = [s.name for s in parse_sources(dataset) if is_hub_dataset(s.name)] if dataset else []
+    data = ModelCardData(base_model=hub_base, datasets=hub_datasets or None,
                          library_name="peft" if adapter else "transformers", tags=tags,
                          license=base_license(base), pipeline_tag="text-generation")
     config_yaml = yaml.safe_dump(json.loads(json.dumps(resolved_config(*{id(c): c for c in configs}.values()))),

@@ -157,6 +157,117 @@ def _load_split(dataset_name: str, split: str, dataset_config: str | None) -> li
     return _rows_to_records(datasets.load_dataset(dataset_name, dataset_config, split=split), source)
 
 
+# ----------------------------------------------------------------------------------------------- mixtures
+
+@dataclass(frozen=True)
+class Source:
+    """One source of a mixture: `name[:split][:amount]`; amount is a fraction in (0, 1] (a float) or a count
+    (an int) of that source's records, a seeded random selection kept in file order."""
+
+    name: str
+    split: str | None = None
+    amount: float | int | None = None
+
+
+def _amount(text: str) -> float | int | None:
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text) if "." in text or "e" in text.lower() else None
+    except ValueError:
+        return None
+
+
+def parse_sources(dataset_name: str) -> list[Source]:
+    """`"data/a.jsonl:0.5 org/set:train:2000"` -> two `Source`s (whitespace separates sources; from the right,
+    a number is the amount, then a word the split). A plain name is one source with neither."""
+    sources = []
+    for spec in dataset_name.split():
+        name, split, amount = spec, None, None
+        if ":" in name and _amount(name.rsplit(":", 1)[1]) is not None:
+            name, text = name.rsplit(":", 1)
+            amount = _amount(text)
+        if ":" in name and "/" not in name.rsplit(":", 1)[1]:
+            name, split = name.rsplit(":", 1)
+        if isinstance(amount, float) and not 0.0 < amount <= 1.0:
+            raise ConfigError(f"--dataset_name {spec}: a fraction must be in (0, 1], got {amount}")
+        if isinstance(amount, int) and amount < 1:
+            raise ConfigError(f"--dataset_name {spec}: a count must be >= 1, got {amount}")
+        sources.append(Source(name, split or None, amount))
+    if not sources:
+        raise ConfigError("--dataset_name is empty")
+    return sources
+
+
+def mixture_spec(mixture: dict) -> str:
+    """The alignment-handbook style YAML block as one `--dataset_name` value:
+
+        dataset_mixture:
+          datasets:
+            - {id: data/a.jsonl, weight: 0.5}
+            - {id: org/set, split: train, count: 2000}
+
+    (`weight` is a fraction in (0, 1] of that source's records; `count` a number of them.)"""
+    if not isinstance(mixture, dict) or not isinstance(mixture.get("datasets"), list) or not mixture["datasets"]:
+        raise ConfigError("dataset_mixture: expected a mapping with a non-empty list 'datasets'")
+    unknown = sorted(set(mixture) - {"datasets"})
+    if unknown:
+        raise ConfigError(f"dataset_mixture: unknown keys {unknown} (known: datasets)")
+    specs = []
+    for i, entry in enumerate(mixture["datasets"]):
+        where = f"dataset_mixture.datasets[{i}]"
+        if not isinstance(entry, dict) or not entry.get("id"):
+            raise ConfigError(f"{where}: expected a mapping with an 'id'")
+        bad = sorted(set(entry) - {"id", "split", "weight", "count"})
+        if bad:
+            raise ConfigError(f"{where}: unknown keys {bad} (known: id, split, weight, count)")
+        if "weight" in entry and "count" in entry:
+            raise ConfigError(f"{where}: give weight or count, not both")
+        spec = str(entry["id"])
+        if entry.get("split"):
+            spec += f":{entry['split']}"
+        if "weight" in entry:
+            spec += f":{float(entry['weight'])!r}"
+        elif "count" in entry:
+            spec += f":{int(entry['count'])}"
+        specs.append(spec)
+    spec = " ".join(specs)
+    parse_sources(spec)  # the same checks as on the command line
+    return spec
+
+
+def _select(records: list[Record], source: Source, index: int, seed: int, spec: str) -> list[Record]:
+    if source.amount is None:
+        return records
+    n = max(1, round(source.amount * len(records))) if isinstance(source.amount, float) else source.amount
+    if n > len(records):
+        raise ConfigError(f"--dataset_name {spec}: asks for {n} records, {source.name} has {len(records)}")
+    kept = sorted(random.Random(f"mixture/{index}/{seed}").sample(range(len(records)), n))
+    return [records[i] for i in kept]
+
+
+def _renumbered(records: list[Record]) -> list[Record]:
+    """Ids unique across the mixture (each record keeps its source and location for messages)."""
+    return [Record(i, r.source, r.location, r.data, r.error) for i, r in enumerate(records)]
+
+
+def _load_mixture(sources: list[Source], dataset_name: str, split: str, eval_split: str | None,
+                  dataset_config: str | None, seed: int) -> tuple[list[Record], list[Record] | None]:
+    train, held_out = [], [] if eval_split is not None else None
+    for i, source in enumerate(sources):
+        spec = dataset_name.split()[i]
+        if Path(source.name).expanduser().is_file() and (source.split or eval_split):
+            raise ConfigError(f"--dataset_name {spec}: {source.name} is a single file, i.e. one split: name no "
+                              "split for it (and use --eval_fraction rather than --eval_split)")
+        records = _load_split(source.name, source.split or split, dataset_config)
+        train += _select(records, source, i, seed, spec)
+        if eval_split is not None:
+            held_out += _load_split(source.name, eval_split, dataset_config)
+    return _renumbered(train), (_renumbered(held_out) if held_out is not None else None)
+
+
 def load_splits(dataset_name: str, *, split: str = "train", eval_split: str | None = None,
                 eval_fraction: float = 0.0, seed: int = 0, dataset_config: str | None = None,
                 max_train_samples: int | None = None, max_eval_samples: int | None = None
@@ -164,7 +275,9 @@ def load_splits(dataset_name: str, *, split: str = "train", eval_split: str | No
     """Reads raw records from a .jsonl/.json/.parquet file, a folder of split files, or a hub dataset.
 
     Args:
-        dataset_name: a file (it is the `split`), a folder (`<split>.<ext>` / `<split>-*.<ext>`), or a hub name.
+        dataset_name: a file (it is the `split`), a folder (`<split>.<ext>` / `<split>-*.<ext>`), or a hub name;
+            or a mixture of them: `"data/a.jsonl:0.5 org/set:train:2000"` (see `parse_sources`): each source's
+            selection, concatenated in the order given, ids renumbered, every record keeping its source.
         split: the training split.
         eval_split: a named split to evaluate on (folder or hub only).
         eval_fraction: 0 < f < 1 carves a seeded random held-out subset out of `split`; ids are kept.
@@ -180,12 +293,18 @@ def load_splits(dataset_name: str, *, split: str = "train", eval_split: str | No
         raise ConfigError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
     if eval_split is not None and eval_fraction > 0:
         raise ConfigError("give either eval_split or eval_fraction, not both")
-    if eval_split is not None and Path(dataset_name).expanduser().is_file():
+    sources = parse_sources(dataset_name)
+    mixture = len(sources) > 1 or sources[0].split is not None or sources[0].amount is not None
+    if not mixture and eval_split is not None and Path(dataset_name).expanduser().is_file():
         raise ConfigError(f"{dataset_name} is a single file, i.e. one split: use eval_fraction, or a folder "
                          f"holding {split}.<ext> and {eval_split}.<ext>")
-    records = _load_split(dataset_name, split, dataset_config)
+    if mixture:
+        records, held_out = _load_mixture(sources, dataset_name, split, eval_split, dataset_config, seed)
+    else:
+        records = _load_split(dataset_name, split, dataset_config)
+        held_out = _load_split(dataset_name, eval_split, dataset_config) if eval_split is not None else None
     if eval_split is not None:
-        splits = {"train": records, "eval": _load_split(dataset_name, eval_split, dataset_config)}
+        splits = {"train": records, "eval": held_out}
     elif eval_fraction == 0:
         splits = {"train": records}
     else:

@@ -7,6 +7,7 @@ Field names follow TRL's `DPOConfig` / transformers' `TrainingArguments` so user
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, fields
 
 from ..errors import ConfigError
@@ -130,9 +131,15 @@ class TokenizeSettings:
 
 @dataclass
 class DataArguments(TokenizeSettings):
-    dataset_name: str | None = field(
+    dataset_name: list[str] | None = field(
         default=None,
-        metadata={"help": "A .jsonl/.json/.parquet file, a folder of <split>.<ext> files, or a hub dataset name."})
+        metadata={"help": "A .jsonl/.json/.parquet file, a folder of <split>.<ext> files, or a hub dataset name; or "
+                  "a mixture of several, each NAME[:SPLIT][:FRACTION|COUNT] (data/a.jsonl:0.5 org/set:train:2000): a "
+                  "seeded selection of each, concatenated."})
+    dataset_mixture: str | None = field(
+        default=None,
+        metadata={"help": "A mixture as a YAML block (or JSON on the command line): {datasets: [{id, split, weight "
+                  "| count}, ...]}; instead of --dataset_name."})
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
     dataset_split: str = field(default="train", metadata={"help": "Training split."})
     eval_split: str | None = field(default=None, metadata={"help": "Held-out split for evaluation (e.g. test)."})
@@ -166,6 +173,25 @@ class DataArguments(TokenizeSettings):
 
     def __post_init__(self):
         TokenizeSettings.__post_init__(self)
+        # One string downstream: a name, or a mixture's sources separated by spaces (dpo_core.records.parse_sources).
+        if isinstance(self.dataset_name, (list, tuple)):
+            self.dataset_name = " ".join(map(str, self.dataset_name)) or None
+        if self.dataset_mixture is not None:
+            from ..records import mixture_spec
+
+            if self.dataset_name:
+                raise ConfigError("give --dataset_name or dataset_mixture, not both")
+            mixture = self.dataset_mixture
+            if isinstance(mixture, str):
+                try:
+                    mixture = json.loads(mixture)
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"--dataset_mixture: not valid JSON ({e})") from None
+            self.dataset_name, self.dataset_mixture = mixture_spec(mixture), None
+        if self.dataset_name:
+            from ..records import parse_sources
+
+            parse_sources(self.dataset_name)  # a malformed mixture fails at parse time, before any model loads
         if self.dataset_num_proc is not None and self.dataset_num_proc < 1:
             raise ConfigError(f"--dataset_num_proc must be >= 1, got {self.dataset_num_proc}")
         for name in ("max_train_samples", "max_eval_samples"):
