@@ -19,6 +19,7 @@ model's distribution with the given temperature and top_p, which the sampled KL 
 from __future__ import annotations
 
 import json
+import os
 import re
 import statistics
 from pathlib import Path
@@ -93,7 +94,10 @@ def generate_ids(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: 
     was_training = model.training
     model.eval()
     outputs: list[list[int]] = []
-    for start in range(0, len(prompts), batch_size):
+    from tqdm.auto import tqdm
+
+    for start in tqdm(range(0, len(prompts), batch_size), desc="generating", unit=" batches",
+                      disable=len(prompts) <= batch_size or os.environ.get("RANK", "0") != "0"):
         chunk = prompts[start: start + batch_size]
         width = max(len(p) for p in chunk)
         input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
