@@ -95,14 +95,6 @@ class ExampleArrays(Sequence):
             raise IndexError(index)
         return Example(int(self.ids[index]), self._part(3 * index), self._part(3 * index + 1), self._part(3 * index + 2))
 
-    def save(self, folder: Path) -> dict[str, str]:
-        """Writes the three arrays into `folder`; returns their sha256 by file name."""
-        digests = {}
-        for name, array in zip(FILES, (self.ids, self.offsets, self.tokens)):
-            np.save(folder / name, np.ascontiguousarray(array), allow_pickle=False)
-            digests[name] = _file_sha256(folder / name)
-        return digests
-
     @classmethod
     def load(cls, folder: Path) -> ExampleArrays:
         return cls(*(np.load(folder / name, mmap_mode="r", allow_pickle=False) for name in FILES))

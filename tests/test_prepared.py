@@ -39,7 +39,12 @@ def test_example_arrays_round_trip_and_index(tmp_path):
     examples = [D.Example(7, [1, 2], [3], [4, 5, 6]), D.Example(2, [9], [8, 7], []), D.Example(4, [], [1], [2])]
     arrays = P.ExampleArrays.concatenate([P.ExampleArrays.from_examples(examples[:1]),
                                           P.ExampleArrays.from_examples(examples[1:])])
-    arrays.save(tmp_path)
+    assert _as_lists(arrays) == _as_lists(examples)
+    writer = P._StreamWriter(tmp_path)  # the store's write path: parts appended, the .npy header written last
+    writer.append(P.ExampleArrays.from_examples(examples[:1]))
+    writer.append(P.ExampleArrays.from_examples(examples[1:]))
+    digests = writer.close()
+    assert set(digests) == set(P.FILES)
     loaded = P.ExampleArrays.load(tmp_path)
     assert isinstance(loaded.tokens, np.memmap) and loaded.tokens.dtype == np.int32
     assert _as_lists(loaded) == _as_lists(examples)
