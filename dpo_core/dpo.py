@@ -20,7 +20,7 @@ from .debug import anomaly_detection, apply_debug_preset
 from .distributed import prepare_reference
 from .errors import ConfigError
 from .hub import check_hub_args, checkpoint_pusher
-from .layouts import make_collator, make_forward
+from .layouts import LayoutSlot
 from .losses import dpo_loss, orpo_metrics, preference_metrics, tie_tolerance
 from .modeling import (
     adapter_reference,
@@ -130,9 +130,10 @@ def setup_dpo(accelerator: Accelerator, model_args, data_args, dpo_args, train_a
     else:
         ref_model = load_model_from_args(model_args, model_args.reference_path(), trainable=False)
 
-    def collate(split):
-        collate = make_collator(train_args.forward_mode, tokenizer.pad_token_id, model)
-        return collate if cache is None else cache.collate(split, collate)  # + the pairs' reference log-probs
+    layout = LayoutSlot(train_args.forward_mode, tokenizer.pad_token_id, model, chunk_size=train_args.logps_chunk_size)
+
+    def collate(split):  # + the pairs' reference log-probs from the cache
+        return layout.collate if cache is None else cache.collate(split, layout.collate)
 
     # Model FLOPs are counted on the unwrapped model, before `prepare` (dpo_core.throughput).
     batch_flops = make_batch_flops(model, online_reference=ref_model is not None or adapter_ref)
@@ -150,8 +151,9 @@ def setup_dpo(accelerator: Accelerator, model_args, data_args, dpo_args, train_a
     if dpo_args.sync_ref_model:  # before a resume: the checkpoint restores the synced reference
         on_step_end = setup_reference_sync(accelerator, model, ref_model, alpha=dpo_args.ref_model_mixup_alpha,
                                            sync_steps=dpo_args.ref_model_sync_steps)
-    forward = make_forward(train_args.forward_mode, chunk_size=train_args.logps_chunk_size)
-    step_fn = make_dpo_step(dpo_args, forward=forward, ref_model=ref_model, ref_context=ref_context)
+    # `auto`: probed on the prepared policy, every process in step, before the first batch (dpo_core.layouts).
+    layout.resolve(model, examples["train"], accelerator=accelerator, log=accelerator.print)
+    step_fn = make_dpo_step(dpo_args, forward=layout.forward, ref_model=ref_model, ref_context=ref_context)
     return DPORun(model, tokenizer, optimizer, train_loader, eval_loader, step_fn, on_step_end, batch_flops)
 
 

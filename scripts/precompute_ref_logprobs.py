@@ -26,7 +26,7 @@ With --use_lora and a plain model, the reference is the base model (a new adapte
 --load_in_4bit / --load_in_8bit quantize it as the dpo.py run will. --seed and --ld_alpha must equal the
 dpo.py run's; the cache's fingerprint names any setting that differs when dpo.py loads it. With several
 processes, `<output_dir>.partials/` must be on a filesystem all of them share. With --on_invalid skip, the
-skipped records are listed in `<output_dir>.invalid_records.jsonl`. --forward_mode (concat, padding_free,
+skipped records are listed in `<output_dir>.invalid_records.jsonl`. --forward_mode (auto, concat, padding_free,
 shared_prefix) and --logps_chunk_size change the speed and memory of the forwards, not the log-probs (equal to
 float32 rounding), so they are not part of the cache's fingerprint and need not match the dpo.py run's.
 """
@@ -45,6 +45,7 @@ from dpo_core.config import (
 )
 from dpo_core.distributed import make_accelerator, prepare_reference, shutdown
 from dpo_core.errors import ConfigError
+from dpo_core.layouts import resolve_forward_mode
 from dpo_core.modeling import gguf_of, load_model_from_args, load_tokenizer, quantization_name
 from dpo_core.ref_cache import (
     check_output_dir,
@@ -83,6 +84,10 @@ def main(argv=None):
     model = load_model_from_args(model_args, ref_path, trainable=False)
     # ZeRO-3 and FSDP shard the weights (every rank runs the same forwards); otherwise one copy per process.
     model = prepare_reference(accelerator, model, micro_batch_size=args.per_device_batch_size)
+    # `auto`: the layout training would pick for this model and data, probed on the prepared model.
+    forward_mode = resolve_forward_mode(args.forward_mode, model, next(iter(examples.values())),
+                                        pad_token_id=tokenizer.pad_token_id, accelerator=accelerator,
+                                        log=accelerator.print)
 
     # Repeated examples (padding of the last batches) ran in other batches: in float32 their log-probs
     # agree to ~1e-6; low precision may differ more with the padding length, and is only sanity-checked.
@@ -90,14 +95,14 @@ def main(argv=None):
     results, seconds = compute_reference(
         accelerator, model, examples, output_dir.with_name(output_dir.name + ".partials"),
         atol=1e-5 if exact else 2e-2, batch_size=args.per_device_batch_size, pad_token_id=tokenizer.pad_token_id,
-        ld_alpha=args.ld_alpha, forward_mode=args.forward_mode, chunk_size=args.logps_chunk_size)
+        ld_alpha=args.ld_alpha, forward_mode=forward_mode, chunk_size=args.logps_chunk_size)
     if accelerator.is_main_process:
         write_cache(output_dir, fingerprint, results, overwrite=args.overwrite)
         for split, split_examples in examples.items():
             n, s = len(split_examples), seconds[split]
             print(f"{split}: {n} pairs in {s:.1f} s ({n / max(s, 1e-9):.1f} pairs/s), "
                   f"num_processes={accelerator.num_processes}, mixed_precision={accelerator.mixed_precision}, "
-                  f"forward_mode={args.forward_mode}")
+                  f"forward_mode={forward_mode}")
         print(f"reference cache written to {output_dir}")
     accelerator.wait_for_everyone()  # if the merge failed on the main process, the launcher stops the others
     accelerator.end_training()

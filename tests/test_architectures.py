@@ -11,7 +11,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from dpo_core.batches import Example, collate_concat
-from dpo_core.layouts import LAYOUTS, make_collator
+from dpo_core.layouts import AUTO, LAYOUTS, LayoutSlot, _mean_lengths, choose_layout, make_collator
 from dpo_core.logps import concatenated_forward, logit_transform
 
 SMALL = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -121,3 +121,65 @@ def test_every_family_trains_with_default_flags(model_type, overrides, tmp_path)
             report_to=["none"], forward_mode=mode))
         assert result.metrics["global_step"] == 2 and result.metrics["skipped_steps"] == 0, (model_type, mode)
         assert torch.isfinite(torch.tensor(result.metrics["train_loss"])), (model_type, mode)
+
+
+def _pairs(prompt, completion, n=6, seed=2):
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(lo, hi):
+        return torch.randint(5, 290, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
+
+    return [Example(i, ids(*prompt), ids(*completion), ids(*completion)) for i in range(n)]
+
+
+def _slot_logps(model, pairs):
+    slot = LayoutSlot(AUTO, 0, model, chunk_size=4)
+    mode = slot.resolve(model, pairs, log=lambda line: None)
+    with torch.no_grad():
+        out = slot.forward(model, slot.collate(pairs))
+    return mode, torch.cat([out.chosen_logps, out.rejected_logps])
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_auto_takes_shared_prefix_for_long_prompts_and_equals_every_mode(attn):
+    """Prompts of 8-19 tokens and completions of 2-8: shared_prefix saves over a third of concat's tokens."""
+    model, pairs = make_model("llama", attn), _pairs((8, 20), (2, 9))
+    mode, got = _slot_logps(model, pairs)
+    assert mode == "shared_prefix"
+    with torch.no_grad():
+        for name in LAYOUTS:
+            out = LAYOUTS[name].forward(model, make_collator(name, 0, model)(pairs), chunk_size=0)
+            torch.testing.assert_close(got, torch.cat([out.chosen_logps, out.rejected_logps]), atol=1e-5,
+                                       rtol=1e-6, msg=name)
+
+
+def test_auto_keeps_concat_when_prompts_are_short():
+    model = make_model("llama", "sdpa")
+    pairs = _pairs((1, 3), (20, 40))  # prompts ~1/20 of the completions: too little to share
+    assert choose_layout(model, pairs, pad_token_id=0)[0] == "concat"
+    assert _slot_logps(model, pairs)[0] == "concat"
+
+
+@pytest.mark.parametrize("model_type,overrides", [("bloom", {"n_layer": 2, "n_head": 4}),
+                                                  ("mpt", {"d_model": 64, "n_heads": 4, "n_layers": 2})])
+def test_auto_never_picks_a_layout_the_model_fails(model_type, overrides, caplog):
+    """ALiBi models fail the packed layouts' check (test above): auto probes, logs why, and takes concat, whose
+    numbers are the plain path's."""
+    model, pairs = make_model(model_type, **overrides), _pairs((8, 20), (2, 9))
+    with caplog.at_level("INFO", logger="dpo_core.layouts"):
+        mode, why = choose_layout(model, pairs, pad_token_id=0)
+    assert mode == "concat" and "not shared_prefix" in caplog.text and "use --forward_mode concat" in caplog.text
+    assert model.training is False  # the probe restores the mode it found
+    mode, got = _slot_logps(model, pairs)
+    with torch.no_grad():
+        ref = concatenated_forward(model, collate_concat(pairs, 0), chunk_size=0)
+    torch.testing.assert_close(got, torch.cat([ref.chosen_logps, ref.rejected_logps]), atol=1e-5, rtol=1e-6)
+
+
+def test_auto_reads_lengths_of_mapped_arrays_and_lists_alike():
+    from dpo_core.prepared import ExampleArrays
+
+    pairs = _pairs((8, 20), (2, 9), n=50)
+    assert _mean_lengths(ExampleArrays.from_examples(pairs)) == pytest.approx(_mean_lengths(pairs))
+    prompt = sum(len(e.prompt_ids) for e in pairs) / 50
+    assert _mean_lengths(pairs)[0] == pytest.approx(prompt)

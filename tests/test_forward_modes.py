@@ -35,7 +35,8 @@ def test_every_layout_is_declared_whole_and_is_what_the_flags_offer():
         assert f"{name}: {layout.help}" in forward_mode_help()
         assert TrainArguments(output_dir="x", forward_mode=name).forward_mode == name
     help_field = next(f for f in fields(TrainArguments) if f.name == "forward_mode")
-    assert help_field.metadata["help"] == forward_mode_help() and help_field.metadata["choices"] == list(LAYOUTS)
+    assert help_field.metadata["help"] == forward_mode_help() and help_field.metadata["choices"] == ["auto", *LAYOUTS]
+    assert TrainArguments(output_dir="x").forward_mode == "auto"  # the default: dpo_core.layouts.choose_layout
     with pytest.raises(ConfigError, match=", ".join(LAYOUTS)):
         TrainArguments(output_dir="x", forward_mode="packed")
 

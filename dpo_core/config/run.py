@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field, fields
 
 from ..errors import ConfigError
-from ..layouts import LAYOUTS, check_layout_flags, forward_mode_help
+from ..layouts import AUTO, FORWARD_MODES, check_layout_flags, forward_mode_help
 from ..losses import LOSSES, needs_reference
 from ..optim import OPTIMIZERS, parse_optim_args, parse_scheduler_kwargs
 from ..trackers import DEFAULT_PROJECT, check_report_to, report_to_choices
@@ -354,7 +354,7 @@ class TrainArguments:
         metadata={"help": "The trackers' project (wandb/trackio project, mlflow experiment; TensorBoard: the folder "
                   "under <output_dir>/logs)."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
-    forward_mode: str = field(default="concat", metadata={"help": forward_mode_help(), "choices": list(LAYOUTS)})
+    forward_mode: str = field(default=AUTO, metadata={"help": forward_mode_help(), "choices": FORWARD_MODES})
     logps_chunk_size: int = field(
         default=1024,
         metadata={"help": "Completion tokens per chunk of the float32 log-softmax over the vocabulary, recomputed "

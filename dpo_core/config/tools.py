@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from ..errors import ConfigError
-from ..layouts import LAYOUTS, check_layout_flags, forward_mode_help
+from ..layouts import AUTO, FORWARD_MODES, check_layout_flags, forward_mode_help
 from ..trackers import NONE, check_report_to, report_to_choices
 
 
@@ -24,8 +24,8 @@ class PrecomputeArguments:
                               "--max_eval_samples selection; must equal dpo.py's --seed."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing cache at --output_dir."})
     forward_mode: str = field(
-        default="concat",
-        metadata={"help": forward_mode_help() + " It need not match dpo.py's.", "choices": list(LAYOUTS)})
+        default=AUTO,
+        metadata={"help": forward_mode_help() + " It need not match dpo.py's.", "choices": FORWARD_MODES})
     logps_chunk_size: int = field(
         default=1024, metadata={"help": "Completion tokens per chunk of the log-softmax; 0: full logits."})
 
