@@ -15,6 +15,7 @@ import torch
 from accelerate import Accelerator
 
 from . import data as data_lib
+from .compiling import compile_for_training
 from .config import DPOConfig
 from .debug import anomaly_detection, apply_debug_preset
 from .distributed import prepare_reference
@@ -130,7 +131,8 @@ def setup_dpo(accelerator: Accelerator, model_args, data_args, dpo_args, train_a
     else:
         ref_model = load_model_from_args(model_args, model_args.reference_path(), trainable=False)
 
-    layout = LayoutSlot(train_args.forward_mode, tokenizer.pad_token_id, model, chunk_size=train_args.logps_chunk_size)
+    layout = LayoutSlot(train_args.forward_mode, tokenizer.pad_token_id, model, chunk_size=train_args.logps_chunk_size,
+                        pad_to_multiple_of=train_args.pad_to_multiple_of)
 
     def collate(split):  # + the pairs' reference log-probs from the cache
         return layout.collate if cache is None else cache.collate(split, layout.collate)
@@ -151,6 +153,9 @@ def setup_dpo(accelerator: Accelerator, model_args, data_args, dpo_args, train_a
     if dpo_args.sync_ref_model:  # before a resume: the checkpoint restores the synced reference
         on_step_end = setup_reference_sync(accelerator, model, ref_model, alpha=dpo_args.ref_model_mixup_alpha,
                                            sync_steps=dpo_args.ref_model_sync_steps)
+    # After prepare: the blocks compile in place, inside DDP / DeepSpeed (dpo_core.compiling).
+    compile_for_training(accelerator, train_args, model, *([ref_model] if ref_model is not None and not adapter_ref
+                                                            else []))
     # `auto`: probed on the prepared policy, every process in step, before the first batch (dpo_core.layouts).
     layout.resolve(model, examples["train"], accelerator=accelerator, log=accelerator.print)
     step_fn = make_dpo_step(dpo_args, forward=layout.forward, ref_model=ref_model, ref_context=ref_context)

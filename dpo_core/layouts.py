@@ -19,7 +19,13 @@ import torch
 
 from .batches import collate_concat, collate_padding_free, collate_shared_prefix
 from .errors import ConfigError
-from .logps import attn_implementation, concatenated_forward, padding_free_forward, shared_prefix_forward, unwrap_model
+from .logps import (
+    attn_implementation,
+    concatenated_forward,
+    padding_free_forward,
+    shared_prefix_forward,
+    unwrap_model,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -88,13 +94,14 @@ def _layout_for(mode: str, model) -> Layout:
     return layout
 
 
-def make_collator(mode: str, pad_token_id: int, model=None) -> Callable:
+def make_collator(mode: str, pad_token_id: int, model=None, pad_to_multiple_of: int | None = None) -> Callable:
     """The collator of `--forward_mode mode` for `model` (its attention implementation picks the options)."""
     if mode == AUTO:
         raise ValueError("--forward_mode auto: resolve it with choose_layout(model, examples) first")
     layout = _layout_for(mode, model)
     attention = attn_implementation(model) if model is not None else "eager"
-    return partial(layout.collate, pad_token_id=pad_token_id, **layout.collate_options(attention))
+    return partial(layout.collate, pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of,
+                   **layout.collate_options(attention))
 
 
 def make_forward(mode: str, *, chunk_size: int, **kwargs) -> Callable:
@@ -197,15 +204,15 @@ class LayoutSlot:
     resolved (`resolve`) after `accelerator.prepare`, so the probe runs the model as the forward will (ZeRO-3
     and FSDP gather weights only inside the prepared model), and before the first batch."""
 
-    def __init__(self, mode: str, pad_token_id: int, model, *, chunk_size: int):
-        self.mode, self.pad_token_id, self.chunk_size = mode, pad_token_id, chunk_size
-        self._collate = None if mode == AUTO else make_collator(mode, pad_token_id, model)
+    def __init__(self, mode: str, pad_token_id: int, model, *, chunk_size: int, pad_to_multiple_of: int | None = None):
+        self.mode, self.pad_token_id, self.chunk_size, self.multiple = mode, pad_token_id, chunk_size, pad_to_multiple_of
+        self._collate = None if mode == AUTO else make_collator(mode, pad_token_id, model, pad_to_multiple_of)
 
     def resolve(self, model, examples: Sequence, *, accelerator=None, log: Callable[[str], None] = print) -> str:
         if self.mode == AUTO:
             self.mode = resolve_forward_mode(AUTO, model, examples, pad_token_id=self.pad_token_id,
                                              accelerator=accelerator, log=log)
-            self._collate = make_collator(self.mode, self.pad_token_id, model)
+            self._collate = make_collator(self.mode, self.pad_token_id, model, self.multiple)
         return self.mode
 
     def collate(self, examples):

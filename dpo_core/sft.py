@@ -24,6 +24,7 @@ from functools import partial
 from pathlib import Path
 
 from . import data as data_lib
+from .compiling import compile_for_training
 from .config import SFTConfig, TrainArguments
 from .debug import anomaly_detection, apply_debug_preset
 from .errors import ConfigError
@@ -98,9 +99,10 @@ def run_sft(model_args, data_args, train_args, *, stop: StopSignals | None = Non
                                                  progress=accelerator.is_main_process)
     require_examples(examples, data_args)
 
-    collate = partial(collate_sft, pad_token_id=tokenizer.pad_token_id)
+    collate = partial(collate_sft, pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=train_args.pad_to_multiple_of)
     model, optimizer, train_loader, eval_loader = prepare_training(accelerator, model, examples,
                                                                    lambda split: collate, train_args)
+    compile_for_training(accelerator, train_args, model)
     scheduler, state, max_steps = schedule_and_resume(accelerator, optimizer, train_args, len(train_loader),
                                                       model_args, data_args, train_args)
     with anomaly_detection(train_args):

@@ -88,8 +88,10 @@ def tokenize_sft_records(records: list[Record], tokenizer, settings) -> tuple[li
     return examples, problems + pair_problems + single_problems
 
 
-def collate_sft(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Pads B prompt + completion sequences (the chosen side of each example), right-padded.
+def collate_sft(examples: list[Example], pad_token_id: int, pad_to_multiple_of: int | None = None
+                ) -> dict[str, torch.Tensor]:
+    """Pads B prompt + completion sequences (the chosen side of each example), right-padded (to a multiple of
+    `pad_to_multiple_of` tokens when given).
 
     Returns:
         input_ids, attention_mask, completion_mask: [B, T] long; completion_mask is 1 exactly on the
@@ -97,6 +99,8 @@ def collate_sft(examples: list[Example], pad_token_id: int) -> dict[str, torch.T
     """
     rows = [e.prompt_ids + e.chosen_ids for e in examples]
     width = max(len(r) for r in rows)
+    if pad_to_multiple_of:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     completion_mask = torch.zeros((len(rows), width), dtype=torch.long)

@@ -30,6 +30,7 @@ from .checkpoints import (
     checkpoint_dir,
     save_checkpoint,
 )
+from .compiling import compiled_graphs
 from .errors import ConfigError, NonFiniteError, TrainingPreempted
 from .throughput import processed_tokens
 
@@ -180,6 +181,8 @@ def train_loop(accelerator: Accelerator, model, optimizer, scheduler, train_load
                             epoch=state.epoch + state.batches_in_epoch / max(len(train_loader), 1),
                             **throughput_metrics(accelerator, counters, time.perf_counter() - t_log - paused,
                                                  peak_flops if batch_flops else None))
+                if getattr(train_args, "torch_compile", False):  # recompiles show as this count rising
+                    logs["compiled_graphs"] = compiled_graphs()
                 accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=step)
                 bar.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}")
                 counters.zero_()

@@ -360,6 +360,23 @@ class TrainArguments:
         metadata={"help": "Completion tokens per chunk of the float32 log-softmax over the vocabulary, recomputed "
                   "in backward: the [2B, T, V] logits never exist at once (and a chunk never holds more than 2^24 "
                   "logits: 512 tokens at a 32k vocabulary, 128 at 128k). 0: the model's full logits."})
+    pad_to_multiple_of: int | None = field(
+        default=None,
+        metadata={"help": "Pad each batch's rows to a multiple of this many tokens (fewer distinct shapes: what "
+                  "--torch_compile recompiles for). Default: none, or 64 with --torch_compile."})
+    torch_compile: bool = field(
+        default=False,
+        metadata={"help": "Compile the policy's (and an online reference's) decoder blocks with torch.compile, each "
+                  "block in place (regional compilation, as accelerate does): the chunked head, every layout, LoRA, "
+                  "checkpoints and several processes work as in eager mode. Graphs compiled are logged."})
+    torch_compile_mode: str | None = field(
+        default=None, metadata={"help": "torch.compile mode (default, reduce-overhead, max-autotune, "
+                                "max-autotune-no-cudagraphs); implies --torch_compile.",
+                                "choices": ["default", "reduce-overhead", "max-autotune",
+                                            "max-autotune-no-cudagraphs"]})
+    torch_compile_backend: str | None = field(
+        default=None, metadata={"help": "torch.compile backend (default inductor; aot_eager compiles fast, for "
+                                "checks); implies --torch_compile."})
     log_example_ids: bool = field(
         default=False,
         metadata={"help": "Audit the data order: append each micro-batch's example ids (per rank, with step, epoch "
@@ -404,6 +421,12 @@ class TrainArguments:
             self.report_to = [self.report_to]
         check_report_to(self.report_to)
         check_layout_flags(self.forward_mode, self.logps_chunk_size)
+        if self.torch_compile_mode or self.torch_compile_backend:
+            self.torch_compile = True
+        if self.torch_compile and self.pad_to_multiple_of is None:
+            self.pad_to_multiple_of = 64
+        if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
+            raise ConfigError(f"--pad_to_multiple_of must be >= 1, got {self.pad_to_multiple_of}")
         if self.optim not in OPTIMIZERS:
             raise ConfigError(f"Unknown --optim {self.optim!r}; choose from {', '.join(OPTIMIZERS)}")
         parse_optim_args(self.optim_args)
