@@ -21,11 +21,27 @@ def build_model_and_tokenizer(output_dir: Path, args: BenchmarkArguments) -> Pat
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+    model = None
+    if args.model_name_or_path:  # a real checkpoint's weights and shape; the ids stay synthetic
+        from transformers import AutoModelForCausalLM
+
+        from dpo_core.modeling import _serializable, split_gguf
+
+        directory, gguf_file = split_gguf(args.model_name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32)
+        _serializable(model)
+        args.vocab_size = model.config.vocab_size
+        model.config.pad_token_id, model.config.eos_token_id, model.config.bos_token_id = 0, 1, None
     vocab = {PAD: 0, EOS: 1, UNK: 2, **{f"w{i}": i for i in range(N_SPECIAL, args.vocab_size)}}
     backend = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=PAD, eos_token=EOS, unk_token=UNK,
                                         model_max_length=args.max_length)
+    if model is not None:
+        model.generation_config.pad_token_id = model.generation_config.eos_token_id = None
+        model.save_pretrained(output_dir, safe_serialization=True)
+        tokenizer.save_pretrained(output_dir)
+        return output_dir
     config = LlamaConfig(vocab_size=args.vocab_size, hidden_size=args.hidden_size,
                          intermediate_size=args.intermediate_size, num_hidden_layers=args.num_layers,
                          num_attention_heads=args.num_heads, num_key_value_heads=args.num_kv_heads,

@@ -55,12 +55,14 @@ def run_ours(spec: dict) -> dict:
     steps = spec["warmup_steps"] + spec["steps"]
     accelerator = make_accelerator(mixed_precision="bf16" if spec["bf16"] else "no")
     set_seed(spec["seed"])
-    model_args = ModelArguments(model_name_or_path=spec["model_dir"])
+    model_args = ModelArguments(model_name_or_path=spec["model_dir"],
+                                gradient_checkpointing=spec.get("gradient_checkpointing", False))
     data_args = DataArguments(dataset_name=spec["data_dir"], max_length=spec["max_length"])
     dpo_args = DPOArguments(beta=spec["beta"], ref_logprobs=spec.get("cache_dir"))
     train_args = TrainArguments(output_dir=spec["run_dir"], max_steps=steps, per_device_train_batch_size=spec["batch_size"],
                                 learning_rate=spec["learning_rate"], lr_scheduler_type="constant",
                                 logging_steps=steps, report_to=["none"], forward_mode=spec["forward_mode"],
+                                torch_compile=spec.get("torch_compile", False),
                                 seed=spec["seed"])
     run = setup_dpo(accelerator, model_args, data_args, dpo_args, train_args, report_path=None, shuffle=False)
     clock = _StepClock(get_scheduler("constant", run.optimizer))
@@ -80,7 +82,7 @@ def run_ours(spec: dict) -> dict:
     train_loop(accelerator, run.model, run.optimizer, clock, run.train_loader, step_fn, train_args, max_steps=steps)
     return {"step_end_times": clock.times, "first_steps": first, "step_tokens": tokens,
             "tokens_hash": token_hash((e.prompt_ids, e.chosen_ids, e.rejected_ids) for e in train),
-            **_peak_memory_mb()}
+            "forward_mode": run.forward_mode, **_peak_memory_mb()}
 
 
 def run_trl(spec: dict) -> dict:
@@ -118,7 +120,7 @@ def run_trl(spec: dict) -> dict:
         learning_rate=spec["learning_rate"], lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
         adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, optim="adamw_torch", max_grad_norm=1.0,
         beta=spec["beta"], loss_type=["sigmoid"], max_length=spec["max_length"], truncation_mode="keep_start",
-        padding_free=False, disable_dropout=True, gradient_checkpointing=False, bf16=spec["bf16"], fp16=False,
+        padding_free=False, disable_dropout=True, gradient_checkpointing=spec.get("gradient_checkpointing", False), bf16=spec["bf16"], fp16=False,
         use_cpu=not cuda, precompute_ref_log_probs=spec["precompute"],
         precompute_ref_batch_size=spec["precompute_batch_size"], logging_strategy="no", save_strategy="no",
         eval_strategy="no", report_to=[], dataloader_num_workers=0, train_sampling_strategy="sequential",

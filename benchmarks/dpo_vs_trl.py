@@ -15,10 +15,18 @@ r"""Our DPO step side by side with TRL's DPOTrainer: pairs/s, tokens/s, peak mem
 Every configuration runs in its own process, interleaved over --repeats rounds; the table shows medians.
 Writes <output_dir>/benchmark.json and prints a markdown table.
 
-Configurations: `ours/<layout>` (our run, set up by `dpo_core.dpo.setup_dpo` as `train_dpo` does, with an online
-reference, for every layout of `dpo_core.layouts.LAYOUTS`), `ours_cache/<layout>` (reference log-probs from a cache
-built first by scripts/precompute_ref_logprobs.py in its own process, its time reported apart), `trl`
-(`trl.DPOTrainer` with its online reference) and `trl_precompute` (`precompute_ref_log_probs=True`).
+Configurations: `ours/<mode>` (our run, set up by `dpo_core.dpo.setup_dpo` as `train_dpo` does, with an online
+reference, for `auto` and every layout of `dpo_core.layouts.LAYOUTS`; `<mode>+compile` adds --torch_compile,
+`<mode>+gc` gradient checkpointing), `ours_cache/<mode>` (reference log-probs from a cache built first by
+scripts/precompute_ref_logprobs.py in its own process, its time reported apart), `trl` (`trl.DPOTrainer` with
+its online reference), `trl_precompute` (`precompute_ref_log_probs=True`) and `trl_gc` (TRL's own default,
+gradient checkpointing on; compare it with `ours/auto+gc`).
+
+    # SmolLM2-135M's shape; or the real checkpoint's weights (synthetic ids over its vocabulary)
+    python benchmarks/dpo_vs_trl.py --preset smollm2-135m --configs ours ours_cache trl trl_precompute trl_gc \
+        --forward_modes auto auto+compile auto+gc concat --output_dir runs/benchmark-135m
+    python benchmarks/dpo_vs_trl.py --model_name_or_path "$(python -c 'from dpo_core.demo import smollm2_gguf; \
+        print(smollm2_gguf())')" --output_dir runs/benchmark-smollm2
 
 Fairness: the same model files (from_pretrained), the identical token ids (a word-level tokenizer maps each
 synthetic word to one id; every worker hashes the ids it trains on and the parent asserts they agree), the
@@ -51,7 +59,7 @@ from bench_inputs import build_model_and_tokenizer, synthetic_pairs, token_hash,
 from dpo_core.cli import run_cli
 from dpo_core.config import BenchmarkArguments, parse_config
 from dpo_core.errors import ConfigError
-from dpo_core.layouts import LAYOUTS
+from dpo_core.layouts import FORWARD_MODES
 from dpo_core.throughput import dpo_step_flops, gpu_peak_flops, matmul_params, measured_matmul_flops
 
 HERE = Path(__file__).resolve().parent
@@ -95,11 +103,19 @@ def build_cache(args, scripts_dir: Path, model_dir: Path, data_dir: Path, cache_
     return {"precompute_seconds": float(found.group(2)), "wall_seconds": wall, "peak_rss_mb": rss}
 
 
+def parse_mode(mode: str) -> tuple[str, bool, bool]:
+    """`layout[+compile][+gc]` -> (layout, torch_compile, gradient_checkpointing)."""
+    layout, *options = mode.split("+")
+    if layout not in FORWARD_MODES or set(options) - {"compile", "gc"}:
+        raise ConfigError(f"--forward_modes: {mode!r} is not one of {', '.join(FORWARD_MODES)}, optionally with "
+                          "+compile and/or +gc")
+    return layout, "compile" in options, "gc" in options
+
+
 def _configurations(args: BenchmarkArguments) -> list[str]:
-    modes = args.forward_modes or list(LAYOUTS)
-    unknown = set(modes) - set(LAYOUTS)
-    if unknown:
-        raise ConfigError(f"--forward_modes: {sorted(unknown)} not in {sorted(LAYOUTS)}")
+    modes = args.forward_modes or FORWARD_MODES
+    for mode in modes:
+        parse_mode(mode)
     names = []
     for config in args.configs:
         names += [f"{config}/{m}" for m in modes] if config.startswith("ours") else [config]
@@ -135,7 +151,7 @@ def summarize(name: str, runs: list[dict], args: BenchmarkArguments, flops: list
                         "tokens_per_second": sum(r["step_tokens"][w:]) / seconds,
                         "mfu": sum(flops[w:]) / seconds / peak, "peak_rss_mb": r["peak_rss_mb"],
                         "peak_gpu_mb": r.get("peak_gpu_mb")})
-    out = {"config": name, "runs": per_run}
+    out = {"config": name, "runs": per_run, "forward_mode": runs[0].get("forward_mode") if runs else None}
     for key in ("seconds", "pairs_per_second", "tokens_per_second", "mfu", "peak_rss_mb", "peak_gpu_mb"):
         values = [p[key] for p in per_run if p[key] is not None]
         out[key] = statistics.median(values) if values else None
@@ -154,7 +170,7 @@ def check_runs(name: str, runs: list[dict], expected_hash: str, expected_tokens:
         trl = r.get("trl_config")
         if trl is not None:
             want = {"per_device_train_batch_size": args.batch_size, "learning_rate": args.learning_rate,
-                    "max_length": args.max_length, "gradient_checkpointing": False, "padding_free": False}
+                    "max_length": args.max_length, "gradient_checkpointing": name == "trl_gc", "padding_free": False}
             wrong = {k: (trl[k], v) for k, v in want.items() if trl[k] != v}
             if wrong:
                 raise AssertionError(f"{name}: TRL config differs from ours: {wrong}")
@@ -195,7 +211,9 @@ def run_benchmark(args: BenchmarkArguments, scripts_dir: Path = SCRIPTS) -> dict
         for name in order:
             tool, _, mode = name.partition("/")
             run_dir = Path(tempfile.mkdtemp(prefix=f"{tool}-{mode or 'x'}-r{repeat}-", dir=out))
-            spec = {"tool": "trl" if tool.startswith("trl") else "ours", "forward_mode": mode or None,
+            layout, compiled, checkpointed = parse_mode(mode) if mode else (None, False, tool == "trl_gc")
+            spec = {"tool": "trl" if tool.startswith("trl") else "ours", "forward_mode": layout,
+                    "torch_compile": compiled, "gradient_checkpointing": checkpointed,
                     "precompute": tool == "trl_precompute", "model_dir": str(model_dir), "data_dir": str(data_dir),
                     "run_dir": str(run_dir), "result": str(run_dir / "result.json"), "seed": args.seed,
                     **{k: getattr(args, k) for k in ("steps", "warmup_steps", "batch_size", "learning_rate", "beta",
@@ -218,7 +236,8 @@ def run_benchmark(args: BenchmarkArguments, scripts_dir: Path = SCRIPTS) -> dict
     for name in names:
         check_runs(name, runs[name], expected_hash, expected_tokens, args)
         online = not name.startswith(("ours_cache", "trl_precompute"))
-        flops = step_flops(pairs, args, n_params, model_config, online, shared_prompt=name.endswith("shared_prefix"))
+        ran = {r.get("forward_mode") for r in runs[name]}  # auto: what it resolved to
+        flops = step_flops(pairs, args, n_params, model_config, online, shared_prompt=ran == {"shared_prefix"})
         summary.append(summarize(name, runs[name], args, flops, peak))
     report = {"device": device, "peak_flops": peak, "peak_source": peak_source, "args": asdict(args),
               "n_matmul_params": n_params, "configs": summary, "numerics": numerics(runs),
@@ -261,6 +280,12 @@ def ratios(summary: list[dict], cache: dict | None) -> dict:
         if a in by and b in by and by[a][field] and by[b][field]:
             out[key] = by[a][field] / by[b][field]
 
+    ratio("ours(auto)/trl pairs_per_second (online)", "ours/auto", "trl", "pairs_per_second")
+    ratio("ours_cache(auto)/trl pairs_per_second (trl online)", "ours_cache/auto", "trl", "pairs_per_second")
+    ratio("ours(auto+compile)/trl pairs_per_second (online)", "ours/auto+compile", "trl", "pairs_per_second")
+    ratio("ours(auto)/trl peak_rss (online)", "ours/auto", "trl", "peak_rss_mb")
+    ratio("ours(auto+gc)/trl_gc peak_rss (online, both checkpointing)", "ours/auto+gc", "trl_gc", "peak_rss_mb")
+    ratio("ours(auto+gc)/trl_gc pairs_per_second (online)", "ours/auto+gc", "trl_gc", "pairs_per_second")
     ratio("ours/trl pairs_per_second (online)", "ours/concat", "trl", "pairs_per_second")
     ratio("ours_cache/trl pairs_per_second (trl online)", "ours_cache/concat", "trl", "pairs_per_second")
     ratio("ours_cache/trl_precompute pairs_per_second", "ours_cache/concat", "trl_precompute", "pairs_per_second")
@@ -284,7 +309,8 @@ def markdown(report: dict) -> str:
         pre = f"{s['precompute_seconds']:.1f}" if s["precompute_seconds"] else "-"
         if s["config"].startswith("ours_cache") and report["cache_build"]:
             pre = f"{report['cache_build']['precompute_seconds']:.1f} (own process)"
-        lines.append(f"| {s['config']} | {s['pairs_per_second']:.2f} | {s['tokens_per_second']:.0f} | "
+        name = s["config"] + (f" ({s['forward_mode']})" if "auto" in s["config"] and s.get("forward_mode") else "")
+        lines.append(f"| {name} | {s['pairs_per_second']:.2f} | {s['tokens_per_second']:.0f} | "
                      f"{s['peak_rss_mb']:.0f} | {gpu} | {100 * s['mfu']:.1f}% | {pre} |")
     lines += ["", "| ratio | value |", "|---|---|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in report["ratios"].items()]

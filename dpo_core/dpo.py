@@ -27,6 +27,7 @@ from .modeling import (
     adapter_reference,
     add_reference_adapter,
     disable_dropout,
+    enable_gradient_checkpointing,
     gguf_of,
     is_peft_model,
     load_model_and_tokenizer,
@@ -99,6 +100,7 @@ class DPORun:
     step_fn: Callable
     on_step_end: Callable | None  # TR-DPO's reference sync
     batch_flops: Callable  # model FLOPs of a batch (train/mfu)
+    forward_mode: str = "concat"  # the layout the step runs (`auto` resolved)
 
 
 def setup_dpo(accelerator: Accelerator, model_args, data_args, dpo_args, train_args, *,
@@ -112,7 +114,7 @@ def setup_dpo(accelerator: Accelerator, model_args, data_args, dpo_args, train_a
         raise ConfigError("--sync_ref_model with LoRA is not supported: the reference is the base model (adapter "
                           "disabled), and a mix of policy and reference is no LoRA adapter of the same rank.")
     if model_args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_gradient_checkpointing(model)
     with accelerator.main_process_first():
         records, examples = data_lib.prepare_from_args(data_args, tokenizer, seed=train_args.seed,
                                                        report_path=report_path,
@@ -159,7 +161,8 @@ def setup_dpo(accelerator: Accelerator, model_args, data_args, dpo_args, train_a
     # `auto`: probed on the prepared policy, every process in step, before the first batch (dpo_core.layouts).
     layout.resolve(model, examples["train"], accelerator=accelerator, log=accelerator.print)
     step_fn = make_dpo_step(dpo_args, forward=layout.forward, ref_model=ref_model, ref_context=ref_context)
-    return DPORun(model, tokenizer, optimizer, train_loader, eval_loader, step_fn, on_step_end, batch_flops)
+    return DPORun(model, tokenizer, optimizer, train_loader, eval_loader, step_fn, on_step_end, batch_flops,
+                  layout.mode)
 
 
 def train_dpo(config: DPOConfig) -> TrainResult:

@@ -53,6 +53,12 @@ def _serializable(model) -> None:
         del model.config.quantization_config
 
 
+def enable_gradient_checkpointing(model) -> None:
+    """`--gradient_checkpointing`: transformers' per-layer recomputation, non-reentrant (torch's recommended
+    form: it works with frozen embeddings, LoRA and every batch layout's masks without extra hooks)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def disable_dropout(model: torch.nn.Module) -> None:
     """DPO compares log-probs of the same text under two models: dropout would make them noisy."""
     for module in model.modules():

@@ -30,7 +30,7 @@ from .debug import anomaly_detection, apply_debug_preset
 from .errors import ConfigError
 from .hub import check_hub_args, checkpoint_pusher
 from .logps import position_ids_from_mask, sequence_logps, token_logps
-from .modeling import load_model_and_tokenizer
+from .modeling import enable_gradient_checkpointing, load_model_and_tokenizer
 from .runs import TrainResult, finish_run, prepare_training, require_examples, schedule_and_resume, start_run
 from .sft_data import collate_sft, tokenize_sft_records
 from .training import StopSignals, handles_stop_signals, train_loop
@@ -91,7 +91,7 @@ def run_sft(model_args, data_args, train_args, *, stop: StopSignals | None = Non
 
     model, tokenizer = load_model_and_tokenizer(model_args)
     if model_args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_gradient_checkpointing(model)
     with accelerator.main_process_first():
         _, examples = data_lib.prepare_from_args(data_args, tokenizer, seed=train_args.seed,
                                                  report_path=output_dir / "invalid_records.jsonl",

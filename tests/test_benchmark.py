@@ -9,7 +9,7 @@ from bench_inputs import synthetic_pairs, token_hash
 from helpers import run_script
 
 from dpo_core.config import BenchmarkArguments
-from dpo_core.layouts import LAYOUTS
+from dpo_core.errors import ConfigError
 
 SMALL = ["--num_pairs", "16", "--steps", "1", "--warmup_steps", "1", "--batch_size", "4", "--repeats", "1",
          "--vocab_size", "1024", "--hidden_size", "64", "--intermediate_size", "128", "--prompt_lengths", "8", "24",
@@ -30,14 +30,29 @@ def test_synthetic_pairs_are_seeded_and_in_range():
     assert long.prompt_lengths[0] >= 3 * long.completion_lengths[1]
 
 
+def test_modes_presets_and_configs_are_parsed():
+    from dpo_vs_trl import parse_mode
+
+    assert parse_mode("auto") == ("auto", False, False)
+    assert parse_mode("shared_prefix+compile+gc") == ("shared_prefix", True, True)
+    for bad in ("packed", "auto+fast"):
+        with pytest.raises(ConfigError, match="forward_modes"):
+            parse_mode(bad)
+    args = BenchmarkArguments(preset="smollm2-135m", configs=["ours", "trl_gc"])
+    assert (args.num_layers, args.hidden_size, args.intermediate_size, args.vocab_size) == (30, 576, 1536, 49152)
+    assert (args.num_heads, args.num_kv_heads) == (9, 3)
+    with pytest.raises(ConfigError, match="trl_gc"):
+        BenchmarkArguments(configs=["trl_fast"])
+
+
 @pytest.mark.slow
 def test_benchmark_end_to_end_against_trl(tmp_path):
     pytest.importorskip("trl")
     out = tmp_path / "bench"
-    # Two layouts (the default and the one whose batches differ most); every layout equals the concatenated
-    # forward in tests/test_forward_modes.py, so a third adds two more processes and no new check.
-    modes = ["concat", "shared_prefix"]
-    assert set(modes) <= set(LAYOUTS)
+    # The default, auto, which takes shared_prefix here (prompts are a third of concat's tokens): the layout
+    # whose batches differ most from TRL's. Every layout equals the concatenated forward in
+    # tests/test_forward_modes.py, so more layouts add processes and no new check.
+    modes = ["auto"]
     proc = run_script("benchmarks/dpo_vs_trl.py", ["--output_dir", str(out), *SMALL, "--forward_modes", *modes])
     assert "| config | pairs/s |" in proc.stdout
     report = json.loads((out / "benchmark.json").read_text())
@@ -50,13 +65,14 @@ def test_benchmark_end_to_end_against_trl(tmp_path):
     rows = [json.loads(line) for line in (out / "data" / "train.jsonl").read_text().splitlines()][4:8]
     words = sum(2 * len(r["prompt"].split()) + len(r["chosen"].split()) + len(r["rejected"].split()) + 2
                 for r in rows)
+    assert configs["ours/auto"]["forward_mode"] == "shared_prefix"  # what auto resolved to, in the report
     for name, c in configs.items():
         assert c["pairs_per_second"] > 0 and 0 < c["mfu"] < 1 and c["peak_rss_mb"] > 100, name
         assert c["tokens_per_second"] / c["pairs_per_second"] == pytest.approx(words / 4, rel=1e-9), name
     assert configs["trl_precompute"]["precompute_seconds"] > 0
     # The precompute script reports its forward time to 0.1 s (0.0 for 16 pairs on a fast machine).
     assert report["cache_build"]["precompute_seconds"] >= 0 and report["cache_build"]["wall_seconds"] > 0
-    assert "ours/trl pairs_per_second (online)" in report["ratios"]
+    assert "ours(auto)/trl pairs_per_second (online)" in report["ratios"]
 
     trl = report["trl_config"]
     assert trl["per_device_train_batch_size"] == 4 and trl["learning_rate"] == 1e-3 and trl["max_length"] == 64

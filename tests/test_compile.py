@@ -18,6 +18,7 @@ from test_architectures import _pairs, make_model
 from dpo_core.compiling import compile_blocks, compiled_graphs, decoder_blocks
 from dpo_core.errors import ConfigError
 from dpo_core.layouts import LAYOUTS, make_collator
+from dpo_core.modeling import enable_gradient_checkpointing
 
 
 def _logps_and_grads(model, mode, pairs):
@@ -77,3 +78,25 @@ def test_compiled_two_process_lora_run_with_resume_equals_eager(tiny_model_dir, 
         assert abs(got["train/loss"][step] - loss) < 1e-5, (step, got["train/loss"][step], loss)
     graphs = got["train/compiled_graphs"]
     assert graphs[1] >= 1 and graphs[4] == graphs[2] and graphs[6] == graphs[5]  # no recompiles after warm-up
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_gradient_checkpointing_equals_plain_in_every_layout(lora):
+    """--gradient_checkpointing (transformers' per-layer recomputation) under every layout's masks and positions
+    and the chunked head (its own recomputation per chunk): the same log-probs and gradients (1e-5)."""
+    plain = make_model("llama", "sdpa").train()
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        plain = get_peft_model(plain, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    checkpointed = copy.deepcopy(plain)
+    enable_gradient_checkpointing(checkpointed)  # what dpo.py and sft.py call
+    assert checkpointed.is_gradient_checkpointing
+    pairs = _pairs((8, 20), (2, 9))
+    for mode in LAYOUTS:
+        want, want_grads = _logps_and_grads(plain, mode, pairs)
+        got, got_grads = _logps_and_grads(checkpointed, mode, pairs)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-6, msg=mode)
+        assert want_grads.keys() == got_grads.keys() and want_grads, mode
+        for name in want_grads:
+            torch.testing.assert_close(got_grads[name], want_grads[name], atol=1e-5, rtol=1e-4, msg=name)

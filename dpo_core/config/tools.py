@@ -197,9 +197,20 @@ class BenchmarkArguments:
                                                                 "benchmark.json go."})
     configs: list[str] = field(
         default_factory=lambda: ["ours", "ours_cache", "trl", "trl_precompute"],
-        metadata={"help": "Which of ours, ours_cache, trl, trl_precompute to run."})
+        metadata={"help": "Which of ours, ours_cache, trl, trl_precompute, trl_gc (TRL with its own default, "
+                  "gradient checkpointing on) to run."})
     forward_modes: list[str] | None = field(
-        default=None, metadata={"help": "Our forward modes to run (default: every layout in dpo_core.layouts.LAYOUTS)."})
+        default=None, metadata={"help": "Our forward modes to run: auto or a layout of dpo_core.layouts.LAYOUTS, "
+                                "each optionally with +compile (--torch_compile) and/or +gc (gradient "
+                                "checkpointing), e.g. auto auto+compile auto+gc (default: auto and every layout)."})
+    preset: str | None = field(
+        default=None, metadata={"help": "smollm2-135m: SmolLM2-135M's shape (30 layers, hidden 576, MLP 1536, 9/3 "
+                                "heads, vocab 49152) with prompts of 32-128 and completions of 16-96 tokens.",
+                                "choices": ["smollm2-135m"]})
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Benchmark this checkpoint's weights and shape (a directory, or a .gguf "
+                                "file; dequantized to float32) instead of a random Llama; the token ids stay "
+                                "synthetic (a word-level tokenizer over its vocabulary)."})
     num_pairs: int = field(default=512, metadata={"help": "Synthetic preference pairs."})
     vocab_size: int = field(default=32768, metadata={"help": "Vocabulary size (also try 128256)."})
     hidden_size: int = field(default=256, metadata={"help": "Model width."})
@@ -227,10 +238,13 @@ class BenchmarkArguments:
     seed: int = field(default=0, metadata={"help": "Seed of the model, the data and the runs."})
 
     def __post_init__(self):
-        unknown = set(self.configs) - {"ours", "ours_cache", "trl", "trl_precompute"}
+        unknown = set(self.configs) - {"ours", "ours_cache", "trl", "trl_precompute", "trl_gc"}
         if unknown:
             raise ConfigError(f"--configs: unknown {sorted(unknown)}; choose from ours, ours_cache, trl, "
-                             "trl_precompute")
+                             "trl_precompute, trl_gc")
+        if self.preset == "smollm2-135m":
+            self.vocab_size, self.hidden_size, self.intermediate_size = 49152, 576, 1536
+            self.num_layers, self.num_heads, self.num_kv_heads = 30, 9, 3
         if self.long_prompts:
             self.prompt_lengths, self.completion_lengths = [144, 192], [16, 48]
         if len(self.prompt_lengths) != 2 or len(self.completion_lengths) != 2:
