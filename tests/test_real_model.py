@@ -115,7 +115,9 @@ def test_chatml_tokenization_equals_trl(smollm, examples):
 
 def test_every_layout_the_chunked_head_and_lora_give_the_plain_forwards_log_probs(smollm, examples):
     """On the real model (30 layers, vocab 49152): each registered layout, with the full head and the chunked
-    head, equals the plain concatenated forward (1e-5 abs + 1e-6 rel on sequence log-probs in float32); a LoRA
+    head, equals the plain concatenated forward (1e-4 abs + 1e-5 rel on sequence log-probs of 8-26 nats in
+    float32: the layouts' different matmul shapes round differently through 30 layers, measured up to 3.4e-5 on
+    one machine and under 1e-5 on another; a wrong mask or position is off by 0.1-10 nats); a LoRA
     model (random, non-zero adapters) in each layout equals its own plain forward and (to 1e-3) its merged copy's,
     and with its adapter disabled (the reference of a LoRA run) equals the base model."""
     import copy
@@ -132,7 +134,7 @@ def test_every_layout_the_chunked_head_and_lora_give_the_plain_forwards_log_prob
 
     def close(out, ref, what):
         for field in ("chosen_logps", "rejected_logps"):
-            torch.testing.assert_close(getattr(out, field), getattr(ref, field), atol=1e-5, rtol=1e-6,
+            torch.testing.assert_close(getattr(out, field), getattr(ref, field), atol=1e-4, rtol=1e-5,
                                        msg=f"{what}: {field}")
 
     with torch.no_grad():
