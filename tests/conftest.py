@@ -3,9 +3,13 @@
 import os
 from pathlib import Path
 
-import pytest
+# No hub is reachable here: a name that looks like a hub id fails at once instead of after the client's retries
+# (set before huggingface_hub is imported; it reads this once). The push tests set their own local endpoint.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from dpo_core.demo import build_tiny_model
+import pytest  # noqa: E402
+
+from dpo_core.demo import build_tiny_model  # noqa: E402
 
 # The scripts the tests start (`python scripts/X.py`, `accelerate launch`) import the dpo_core of this checkout,
 # not the one installed elsewhere (an editable install of another clone or worktree).
