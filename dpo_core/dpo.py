@@ -21,6 +21,8 @@ from .debug import anomaly_detection, apply_debug_preset
 from .distributed import prepare_reference
 from .errors import ConfigError
 from .hub import check_hub_args, checkpoint_pusher
+from .kto import make_kto_step
+from .kto_data import KTOTokenize
 from .layouts import LayoutSlot
 from .losses import dpo_loss, orpo_metrics, preference_metrics, tie_tolerance
 from .modeling import (
@@ -115,10 +117,11 @@ def setup_dpo(accelerator: Accelerator, model_args, data_args, dpo_args, train_a
                           "disabled), and a mix of policy and reference is no LoRA adapter of the same rank.")
     if model_args.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    unpaired = dpo_args.unpaired_loss()  # KTO: unpaired examples with KL completions (dpo_core.kto_data)
     with accelerator.main_process_first():
-        records, examples = data_lib.prepare_from_args(data_args, tokenizer, seed=train_args.seed,
-                                                       report_path=report_path,
-                                                       progress=accelerator.is_main_process)
+        records, examples = data_lib.prepare_from_args(
+            data_args, tokenizer, seed=train_args.seed, report_path=report_path, progress=accelerator.is_main_process,
+            tokenize=KTOTokenize(train_args.per_device_train_batch_size) if unpaired else None)
     require_examples(examples, data_args)
     cache, ref_model, adapter_ref = None, None, False
     if not dpo_args.uses_reference():
@@ -160,7 +163,8 @@ def setup_dpo(accelerator: Accelerator, model_args, data_args, dpo_args, train_a
                                                             else []))
     # `auto`: probed on the prepared policy, every process in step, before the first batch (dpo_core.layouts).
     layout.resolve(model, examples["train"], accelerator=accelerator, log=accelerator.print)
-    step_fn = make_dpo_step(dpo_args, forward=layout.forward, ref_model=ref_model, ref_context=ref_context)
+    make_step = make_kto_step if unpaired else make_dpo_step
+    step_fn = make_step(dpo_args, forward=layout.forward, ref_model=ref_model, ref_context=ref_context)
     return DPORun(model, tokenizer, optimizer, train_loader, eval_loader, step_fn, on_step_end, batch_flops,
                   layout.mode)
 

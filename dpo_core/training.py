@@ -45,10 +45,16 @@ class MetricWindow:
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, torch.Tensor] = {}
 
-    def add(self, stats: dict[str, torch.Tensor]) -> None:
+    def add(self, stats: dict[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """A value is a tensor (its elements count), or `(values, mask)`: only the masked elements count (a
+        metric defined on some examples of the batch, e.g. KTO's desirable ones)."""
         for key, value in stats.items():
-            value = value.detach().float()
-            n = torch.tensor(float(value.numel()), device=value.device)
+            if isinstance(value, tuple):
+                value, mask = value[0].detach().float(), value[1].detach().float()
+                value, n = (value * mask).sum(), mask.sum()
+            else:
+                value = value.detach().float()
+                n = torch.tensor(float(value.numel()), device=value.device)
             self.sums[key] = self.sums.get(key, 0) + value.sum()
             self.counts[key] = self.counts.get(key, 0) + n
 
@@ -73,10 +79,16 @@ def evaluate(accelerator: Accelerator, model, dataloader, step_fn: Callable) -> 
         with accelerator.autocast():
             _, stats = step_fn(model, batch)
         for key, value in stats.items():
-            if value.dim() == 1:  # per-example metrics; scalars are per-batch statistics, skipped here
+            if isinstance(value, tuple):  # (values, mask): the mean over the masked examples
+                values, mask = (accelerator.gather_for_metrics(v.detach().float()) for v in value)
+                gathered.setdefault(key, []).append(torch.stack([values * mask, mask]))
+            elif value.dim() == 1:  # per-example metrics; scalars are per-batch statistics, skipped here
                 gathered.setdefault(key, []).append(accelerator.gather_for_metrics(value.detach().float()))
     model.train(was_training)
-    metrics = {key: torch.cat(values).mean().item() for key, values in gathered.items()}
+    metrics = {}
+    for key, values in gathered.items():
+        values = torch.cat(values, dim=-1)
+        metrics[key] = (values[0].sum() / values[1].sum()).item() if values.dim() == 2 else values.mean().item()
     # A step may derive metrics that are no mean of per-example values (SFT: token-weighted loss, perplexity).
     finish = getattr(step_fn, "finish_eval", None)
     return finish(metrics) if finish is not None else metrics

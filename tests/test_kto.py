@@ -2,6 +2,7 @@
 (a test-only oracle, called with the attributes it reads and a model stand-in returning given log-probs): the
 loss, the KL point and the logged rewards, float64, 1e-6, on random, extreme and one-sided batches."""
 
+import json
 import types
 from collections import defaultdict
 
@@ -78,3 +79,68 @@ def test_kl_point_is_averaged_over_processes_clamped_and_detached():
     assert kl_point(policy_kl, ref_kl, reduce_mean=lambda x: (x + torch.tensor(-1.0)) / 2).item() == 0.0  # clamped
     with pytest.raises(ValueError, match="needs the KL point"):
         kto_loss(policy_kl, ref_kl, torch.tensor([True, False]), loss_type="kto")
+
+
+# ------------------------------------------------------------------------------------------------ the data
+
+def trl_kto_dataset(rows, tokenizer, batch_size):
+    """TRL 1.16's own `KTOTrainer._prepare_dataset` (unpairing, EOS, tokenization, KL rotation)."""
+    from datasets import Dataset
+
+    fake = types.SimpleNamespace(_tokenizer=tokenizer, calculate_KL=True, desirable_weight=1.0,
+                                 undesirable_weight=1.0)
+    args = types.SimpleNamespace(dataset_num_proc=None, max_length=None, per_device_train_batch_size=batch_size)
+    return trl_kto.KTOTrainer._prepare_dataset(fake, Dataset.from_list(rows), tokenizer, args, "train").to_list()
+
+
+def _records(rows, source="mem"):
+    from dpo_core.records import Record
+
+    return [Record(i, source, f"line {i + 1}", row) for i, row in enumerate(rows)]
+
+
+@pytest.mark.parametrize("conversational", [True, False], ids=["messages", "strings"])
+@pytest.mark.parametrize("paired", [True, False], ids=["paired", "unpaired"])
+def test_kto_examples_are_trls_tokens_labels_and_kl_completions(tiny_model_dir, conversational, paired):
+    """Prompt, completion, KL completion (TRL's rotation within blocks of the batch size) and label of every
+    example, in TRL's order, on the demo pairs and on an unpaired file made from them."""
+    from helpers import DEMO_DATA
+
+    from dpo_core.data import TokenizeSettings
+    from dpo_core.kto_data import KTOTokenize, kto_labels
+    from dpo_core.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    rows = [json.loads(line) for line in (DEMO_DATA / "train.jsonl").read_text().splitlines()[:23]]
+    if not conversational:
+        rows = [{k: v[-1]["content"] for k, v in row.items()} for row in rows]
+    if not paired:  # desirable and undesirable completions interleaved, as an unpaired file would hold them
+        rows = [{"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"}
+                for i, r in enumerate(rows) for side in (("chosen", "rejected") if i % 3 else ("rejected",))]
+    examples, problems = KTOTokenize(4)(_records(rows), tokenizer, TokenizeSettings(max_length=None))
+    assert problems == []
+    theirs = trl_kto_dataset(rows, tokenizer, 4)
+    assert len(examples) == len(theirs) == (2 * len(rows) if paired else len(rows))
+    assert [(e.prompt_ids, e.chosen_ids, e.rejected_ids, bool(kto_labels(e.id))) for e in examples] == \
+           [(t["prompt_ids"], t["completion_ids"], t["KL_completion_ids"], t["label"]) for t in theirs]
+
+
+def test_bad_unpaired_records_name_their_line_and_field(tiny_model_dir):
+    from dpo_core.data import TokenizeSettings
+    from dpo_core.kto_data import KTOTokenize
+    from dpo_core.modeling import load_tokenizer
+
+    rows = [{"prompt": "Hi", "completion": "Hello.", "label": True},
+            {"prompt": "Hi", "completion": "Go away.", "label": "no"},
+            {"prompt": "Hi", "label": False},
+            {"prompt": "Hi", "completion": "", "label": True},
+            {"prompt": "Hi", "completion": "Fine.", "label": False}]
+    examples, problems = KTOTokenize(2)(_records(rows, "data/kto.jsonl"), load_tokenizer(str(tiny_model_dir)),
+                                        TokenizeSettings(max_length=None))
+    assert [e.id for e in examples] == [0, 9]  # record 0 desirable (2 * 0), record 4 undesirable (2 * 4 + 1)
+    assert [(p.location, p.field) for p in problems] == [("line 2", "label"), ("line 3", "completion"),
+                                                         ("line 4", "completion")]
+    assert all(str(p).startswith("data/kto.jsonl") for p in problems)
+    mixed = rows[:1] + [{"prompt": "Hi", "chosen": "a", "rejected": "b"}]
+    _, problems = KTOTokenize(2)(_records(mixed), load_tokenizer(str(tiny_model_dir)), TokenizeSettings())
+    assert "mixes paired" in problems[0].reason

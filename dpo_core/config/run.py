@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 
 from ..errors import ConfigError
 from ..layouts import AUTO, FORWARD_MODES, check_layout_flags, forward_mode_help
-from ..losses import LOSSES, needs_reference
+from ..losses import LOSSES, UNPAIRED_LOSSES, needs_reference
 from ..optim import OPTIMIZERS, parse_optim_args, parse_scheduler_kwargs
 from ..trackers import DEFAULT_PROJECT, check_report_to, report_to_choices
 
@@ -210,7 +210,8 @@ class DPOArguments:
     beta: float = field(default=0.1, metadata={"help": "Strength of the KL constraint to the reference."})
     loss_type: list[str] = field(
         default_factory=lambda: ["sigmoid"],
-        metadata={"help": f"One or more of: {', '.join(LOSSES)} (TRL's names). Several are summed with "
+        metadata={"help": f"One or more of: {', '.join(LOSSES)} (TRL's names), or one unpaired loss: "
+                  f"{', '.join(UNPAIRED_LOSSES)} (KTO data, docs/losses.md). Several are summed with "
                   "--loss_weights."})
     loss_weights: list[float] | None = field(
         default=None, metadata={"help": "One weight per --loss_type (default 1.0 each)."})
@@ -236,6 +237,11 @@ class DPOArguments:
         default=0.0,
         metadata={"help": "simpo, cpo: AlphaPO reward shape, r = (1 - p^-alpha) / alpha (TRL CPOConfig's alpha); "
                   "0: the log-prob reward (SimPO, CPO)."})
+    desirable_weight: float = field(
+        default=1.0, metadata={"help": "kto, apo_zero_unpaired: weight of the desirable examples' losses (TRL "
+                               "KTOConfig's desirable_weight)."})
+    undesirable_weight: float = field(
+        default=1.0, metadata={"help": "kto, apo_zero_unpaired: weight of the undesirable examples' losses."})
     ref_logprobs: str | None = field(
         default=None,
         metadata={"help": "Directory written by scripts/precompute_ref_logprobs.py; no reference model is "
@@ -253,9 +259,20 @@ class DPOArguments:
     def __post_init__(self):
         if isinstance(self.loss_type, str):
             self.loss_type = [self.loss_type]
-        unknown = [name for name in self.loss_type if name not in LOSSES]
+        unknown = [name for name in self.loss_type if name not in LOSSES and name not in UNPAIRED_LOSSES]
         if unknown:
-            raise ConfigError(f"Unknown --loss_type {unknown}; choose from {sorted(LOSSES)}")
+            raise ConfigError(f"Unknown --loss_type {unknown}; choose from {sorted([*LOSSES, *UNPAIRED_LOSSES])}")
+        if any(name in UNPAIRED_LOSSES for name in self.loss_type) and len(self.loss_type) > 1:
+            raise ConfigError(f"--loss_type {' '.join(self.loss_type)}: an unpaired loss "
+                              f"({', '.join(UNPAIRED_LOSSES)}) trains alone, on unpaired examples")
+        if self.desirable_weight <= 0 or self.undesirable_weight <= 0:
+            raise ConfigError("--desirable_weight and --undesirable_weight must be > 0")
+        if self.unpaired_loss():
+            given = [flag for flag, on in (("--reference_free", self.reference_free), ("--use_weighting",
+                     self.use_weighting), ("--ld_alpha", self.ld_alpha is not None),
+                     ("--label_smoothing", self.label_smoothing)) if on]
+            if given:
+                raise ConfigError(f"{' '.join(given)} apply to paired losses, not to --loss_type {self.loss_type[0]}")
         if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
             raise ConfigError(f"--loss_weights has {len(self.loss_weights)} values for "
                              f"{len(self.loss_type)} loss types")
@@ -282,6 +299,10 @@ class DPOArguments:
                 raise ConfigError(f"--ref_model_mixup_alpha must be in [0, 1], got {self.ref_model_mixup_alpha}")
             if self.ref_model_sync_steps < 1:
                 raise ConfigError(f"--ref_model_sync_steps must be >= 1, got {self.ref_model_sync_steps}")
+
+    def unpaired_loss(self) -> str | None:
+        """The unpaired loss (kto, apo_zero_unpaired) this run trains with, if any."""
+        return self.loss_type[0] if self.loss_type[0] in UNPAIRED_LOSSES else None
 
     def uses_reference(self) -> bool:
         """Whether the run reads reference log-probs: not --reference_free, and some --loss_type needs them."""

@@ -25,6 +25,8 @@ shorter completion of a pair in the log-probs themselves (policy and reference a
 from .combine import TIE_RTOL, dpo_loss, preference_metrics, tie_tolerance
 from .reference_free import orpo_metrics
 from .registry import F_DIVERGENCES, LOSSES, LossInputs, needs_reference, register
+from .unpaired import UNPAIRED_LOSSES, kl_point, kto_loss, register_unpaired, uses_kl
 
-__all__ = ["F_DIVERGENCES", "LOSSES", "TIE_RTOL", "LossInputs", "dpo_loss", "needs_reference", "orpo_metrics",
-           "preference_metrics", "register", "tie_tolerance"]
+__all__ = ["F_DIVERGENCES", "LOSSES", "TIE_RTOL", "UNPAIRED_LOSSES", "LossInputs", "dpo_loss", "kl_point", "kto_loss",
+           "needs_reference", "orpo_metrics", "preference_metrics", "register", "register_unpaired", "tie_tolerance",
+           "uses_kl"]

@@ -1,0 +1,102 @@
+"""KTO data: unpaired completions labelled desirable or undesirable, each with a mismatched KL completion.
+
+Two record formats (one per split, as TRL's `KTOTrainer` reads them):
+
+- **unpaired**: `{"prompt", "completion", "label": true|false}` (strings, or message lists with the prompt's
+  turns and the completion's assistant turn);
+- **paired** preference records (`chosen`, `rejected`): unpaired as TRL's `unpair_preference_dataset` does, per
+  block of 1000 records the chosen completions (desirable) then the rejected ones (undesirable).
+
+Each completion is tokenized exactly as a DPO pair's chosen side (`dpo_core.data.tokenize_records`: same
+validation naming file, line and field, same prompt/completion boundary, EOS and truncation). The KL
+completions are TRL's: within consecutive blocks of `kl_block` examples (its `per_device_train_batch_size`)
+example j gets the completion of example j-1 (the first the last's), so a batch's mismatched pairs hold the
+batch's own completions. An example is a `dpo_core.batches.Example` whose `chosen_ids` is its completion and
+`rejected_ids` its KL completion: every batch layout, the prepared-data store and the reference cache treat it
+as a pair (the KL row shares the prompt). Its id is `2 * record id` for a desirable completion and `2 * record
+id + 1` for an undesirable one (`kto_labels`), so the label travels with the id.
+"""
+
+from __future__ import annotations
+
+from .data import Example, Problem, Record, _validate, tokenize_records, truncate_pair
+
+TRL_UNPAIR_BLOCK = 1000  # `unpair_preference_dataset` maps in batches of 1000 records
+
+
+def kto_labels(ids):
+    """True for desirable examples (even ids), from a tensor or list of example ids."""
+    return ids % 2 == 0
+
+
+def _unpaired_as_pair(data: dict) -> tuple[dict | None, list[tuple[str, str]]]:
+    problems = [(k, "missing") for k in ("prompt", "completion", "label") if k not in data]
+    if "label" in data and not isinstance(data["label"], bool):
+        problems.append(("label", f"must be true or false, got {data['label']!r}"))
+    if problems:
+        return None, problems
+    extra = {k: data[k] for k in ("tools", "chat_template_kwargs") if k in data}
+    return {"prompt": data["prompt"], "chosen": data["completion"], "rejected": data["completion"], **extra}, []
+
+
+def _validate_single(pair: dict) -> list[tuple[str, str]]:
+    found = [(f, reason) for f, reason in _validate(pair) if f != "rejected"]
+    return [("completion" if f == "chosen" else f, reason) for f, reason in found]
+
+
+class KTOTokenize:
+    """`tokenize(records, tokenizer, settings) -> (examples, problems)` for KTO with KL blocks of `kl_block`
+    examples; its `__qualname__` names the block size, so the prepared-data store keys on it."""
+
+    def __init__(self, kl_block: int):
+        if kl_block < 2:
+            raise ValueError(f"KTO's KL point needs at least 2 examples per batch, got {kl_block}")
+        self.kl_block = kl_block
+        self.__module__ = __name__
+        self.__qualname__ = f"KTOTokenize(kl_block={kl_block})"
+
+    def __call__(self, records: list[Record], tokenizer, settings) -> tuple[list[Example], list[Problem]]:
+        paired = [r for r in records if r.data is not None and "chosen" in r.data and "rejected" in r.data]
+        if paired and len(paired) != sum(r.data is not None for r in records):
+            first = next(r for r in records if r.data is not None and not ("chosen" in r.data and "rejected" in r.data))
+            return [], [Problem(first.source, first.location, "completion",
+                                "this file mixes paired (chosen/rejected) and unpaired (completion/label) records; "
+                                "use one format per split")]
+        if paired:
+            return self._from_pairs(records, tokenizer, settings)
+        singles, problems = [], []
+        for record in records:
+            if record.data is None:
+                problems.append(Problem(record.source, record.location, "json", record.error))
+                continue
+            pair, found = _unpaired_as_pair(record.data)
+            if found:
+                problems += [Problem(record.source, record.location, f, reason) for f, reason in found]
+                continue
+            singles.append(Record(2 * record.id + (0 if record.data["label"] else 1), record.source, record.location,
+                                  pair))
+        examples, found = tokenize_records(singles, tokenizer, settings, validate=_validate_single)
+        for p in found:
+            p.field = "completion" if p.field == "chosen" else p.field
+        return self._with_kl(examples, settings), problems + found
+
+    def _from_pairs(self, records, tokenizer, settings):
+        pairs, problems = tokenize_records(records, tokenizer, settings)
+        pairs = {e.id: e for e in pairs}
+        examples = []
+        for start in range(0, len(records), TRL_UNPAIR_BLOCK):  # TRL's order: a block's chosen, then its rejected
+            block = [pairs[r.id] for r in records[start:start + TRL_UNPAIR_BLOCK] if r.id in pairs]
+            examples += [Example(2 * e.id, e.prompt_ids, e.chosen_ids, []) for e in block]
+            examples += [Example(2 * e.id + 1, e.prompt_ids, e.rejected_ids, []) for e in block]
+        return self._with_kl(examples, settings), problems
+
+    def _with_kl(self, examples: list[Example], settings) -> list[Example]:
+        out = []
+        for start in range(0, len(examples), self.kl_block):
+            block = examples[start:start + self.kl_block]
+            for j, e in enumerate(block):
+                kl = block[j - 1].chosen_ids  # j = 0: the block's last completion
+                out.append(Example(e.id, *truncate_pair(e.prompt_ids, e.chosen_ids, kl, settings)))
+        return out
+
+
