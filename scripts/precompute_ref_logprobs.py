@@ -29,6 +29,8 @@ processes, `<output_dir>.partials/` must be on a filesystem all of them share. W
 skipped records are listed in `<output_dir>.invalid_records.jsonl`. --forward_mode (auto, concat, padding_free,
 shared_prefix) and --logps_chunk_size change the speed and memory of the forwards, not the log-probs (equal to
 float32 rounding), so they are not part of the cache's fingerprint and need not match the dpo.py run's.
+For a KTO run (--loss_type kto or apo_zero_unpaired) give --kto_batch_size (its --per_device_train_batch_size):
+the cache then holds each completion's and its KL completion's reference log-probs.
 """
 
 from pathlib import Path
@@ -45,6 +47,7 @@ from dpo_core.config import (
 )
 from dpo_core.distributed import make_accelerator, prepare_reference, shutdown
 from dpo_core.errors import ConfigError
+from dpo_core.kto_data import KTOTokenize
 from dpo_core.layouts import resolve_forward_mode
 from dpo_core.modeling import gguf_of, load_model_from_args, load_tokenizer, quantization_name
 from dpo_core.ref_cache import (
@@ -72,7 +75,8 @@ def main(argv=None):
         records, examples = data_lib.prepare_from_args(
             data_args, tokenizer, seed=args.seed,
             report_path=output_dir.with_name(output_dir.name + ".invalid_records.jsonl"),
-            progress=accelerator.is_main_process)
+            progress=accelerator.is_main_process,
+            tokenize=KTOTokenize(args.kto_batch_size) if args.kto_batch_size else None)
     fingerprint = None
     if accelerator.is_main_process:  # hashing the weights once is enough
         fingerprint = reference_fingerprint(

@@ -23,6 +23,10 @@ class PrecomputeArguments:
         default=42, metadata={"help": "Seed of the --eval_fraction carve-out and of the --max_train_samples / "
                               "--max_eval_samples selection; must equal dpo.py's --seed."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing cache at --output_dir."})
+    kto_batch_size: int = field(
+        default=0, metadata={"help": "For a --loss_type kto / apo_zero_unpaired run: its --per_device_train_batch_size "
+                             "(KTO's KL completions are rotated within blocks of it); the cache then holds the "
+                             "completions' and the KL completions' log-probs. 0: preference pairs."})
     forward_mode: str = field(
         default=AUTO,
         metadata={"help": forward_mode_help() + " It need not match dpo.py's.", "choices": FORWARD_MODES})
@@ -33,6 +37,8 @@ class PrecomputeArguments:
         if not self.output_dir:
             raise ConfigError("--output_dir (the cache directory) is required")
         check_layout_flags(self.forward_mode, self.logps_chunk_size)
+        if self.kto_batch_size == 1 or self.kto_batch_size < 0:
+            raise ConfigError(f"--kto_batch_size must be 0 (pairs) or >= 2, got {self.kto_batch_size}")
         if self.per_device_batch_size < 1:
             raise ConfigError(f"--per_device_batch_size must be >= 1, got {self.per_device_batch_size}")
         if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
