@@ -159,3 +159,21 @@ def trl_tokenize(rows: list[dict], tokenizer) -> list[dict]:
     fake_self = types.SimpleNamespace(_tokenizer=tokenizer)
     args = types.SimpleNamespace(dataset_num_proc=None, max_length=None, truncation_mode="keep_start")
     return DPOTrainer._prepare_dataset(fake_self, Dataset.from_list(rows), tokenizer, args, "test").to_list()
+
+
+def heldout_preference_accuracy(model_dir, base_dir):
+    """Share of the demo's held-out pairs whose chosen completion gains more log-prob over the base model than
+    the rejected one (DPO's implicit-reward accuracy), by a plain concatenated forward."""
+    from dpo_core.batches import collate_concat
+    from dpo_core.data import TokenizeSettings, prepare_examples
+    from dpo_core.logps import concatenated_forward
+    from dpo_core.modeling import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(str(base_dir))
+    _, examples = prepare_examples(str(DEMO_DATA), tokenizer, TokenizeSettings(max_length=96), split="test")
+    pairs = list(examples["train"])
+    with torch.no_grad():
+        outs = [concatenated_forward(load_model(str(d), torch_dtype="float32", trainable=False),
+                                     collate_concat(pairs, tokenizer.pad_token_id)) for d in (model_dir, base_dir)]
+    margin = (outs[0].chosen_logps - outs[1].chosen_logps) - (outs[0].rejected_logps - outs[1].rejected_logps)
+    return (margin > 0).float().mean().item()

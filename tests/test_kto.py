@@ -196,26 +196,6 @@ def test_one_step_equals_trl_kto_trainer(tiny_model_dir, loss_type):
         assert values[mask].mean().item() == pytest.approx(metrics[key], abs=1e-4), key
 
 
-def _heldout_preference_accuracy(model_dir, base_dir):
-    """Share of the demo's held-out pairs whose chosen completion gains more log-prob over the base model than
-    the rejected one (DPO's implicit-reward accuracy), by a plain concatenated forward."""
-    from helpers import DEMO_DATA
-
-    from dpo_core.batches import collate_concat
-    from dpo_core.data import TokenizeSettings, prepare_examples
-    from dpo_core.logps import concatenated_forward
-    from dpo_core.modeling import load_model, load_tokenizer
-
-    tokenizer = load_tokenizer(str(base_dir))
-    _, examples = prepare_examples(str(DEMO_DATA), tokenizer, TokenizeSettings(max_length=96), split="test")
-    pairs = list(examples["train"])
-    with torch.no_grad():
-        outs = [concatenated_forward(load_model(str(d), torch_dtype="float32", trainable=False),
-                                     collate_concat(pairs, tokenizer.pad_token_id)) for d in (model_dir, base_dir)]
-    margin = (outs[0].chosen_logps - outs[1].chosen_logps) - (outs[0].rejected_logps - outs[1].rejected_logps)
-    return (margin > 0).float().mean().item()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("loss_type", sorted(UNPAIRED_LOSSES))
 def test_kto_learns_the_demo_preference_and_the_cache_equals_the_online_reference(tiny_model_dir, tmp_path,
@@ -223,13 +203,13 @@ def test_kto_learns_the_demo_preference_and_the_cache_equals_the_online_referenc
     """On the shipped demo pairs (unpaired as TRL does): 30 steps lift held-out preference accuracy from 0 (the
     base itself, whose margins are all 0) to >= 0.9; with a reference cache (`--kto_batch_size`) every logged loss equals the
     online reference's (1e-5)."""
-    from helpers import DEMO_DATA, read_scalars, run_script
+    from helpers import DEMO_DATA, heldout_preference_accuracy, read_scalars, run_script
 
     common = ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(DEMO_DATA), "--max_length", "96",
               "--per_device_train_batch_size", "8", "--loss_type", loss_type, "--learning_rate", "1e-3",
               "--max_steps", "30", "--logging_steps", "5", "--eval_split", "test", "--eval_steps", "30"]
     run_script("dpo.py", [*common, "--output_dir", str(tmp_path / "online")])
-    assert _heldout_preference_accuracy(tmp_path / "online", tiny_model_dir) >= 0.9
+    assert heldout_preference_accuracy(tmp_path / "online", tiny_model_dir) >= 0.9
     if loss_type != "kto":
         return
     run_script("precompute_ref_logprobs.py", ["--model_name_or_path", str(tiny_model_dir), "--dataset_name",
