@@ -197,4 +197,5 @@ def run_dpo(model_args, data_args, dpo_args, train_args, *, stop: StopSignals | 
                              on_step_end=run.on_step_end, batch_flops=run.batch_flops, peak_flops=peak,
                              on_save=checkpoint_pusher(accelerator, train_args), stop=stop)
     return finish_run(accelerator, run.model, run.tokenizer, output_dir, metrics, model_args=model_args,
-                      configs=(model_args, data_args, dpo_args, train_args), method="dpo")
+                      configs=(model_args, data_args, dpo_args, train_args),
+                      method="kto" if dpo_args.unpaired_loss() else "dpo")

@@ -138,7 +138,7 @@ def write_model_card(output_dir: str | Path, *, configs: tuple, metrics: dict, m
         values.update(vars(config))
     base = base_model_of(values.get("model_name_or_path"))
     dataset = values.get("dataset_name")
-    loss_types = list(values.get("loss_type") or []) if method == "dpo" else []
+    loss_types = list(values.get("loss_type") or []) if method in ("dpo", "kto") else []
     tags = [method, "dpo_core", *[t for t in loss_types if t not in (method, "dpo_core")]]
     # On the hub, base_model must name a hub model (the hub refuses the card otherwise): a local base
     # directory stays in the body only when the card is pushed.
@@ -150,7 +150,8 @@ def write_model_card(output_dir: str | Path, *, configs: tuple, metrics: dict, m
     config_yaml = yaml.safe_dump(json.loads(json.dumps(resolved_config(*{id(c): c for c in configs}.values()))),
                                  sort_keys=False)
     command = shlex.join(redact_argv(list(sys.argv if argv is None else argv)))
-    what = {"dpo": f"DPO ({', '.join(loss_types)})", "sft": "supervised fine-tuning (SFT)"}.get(method, method)
+    what = {"dpo": f"DPO ({', '.join(loss_types)})", "kto": f"KTO ({', '.join(loss_types)}, unpaired)",
+            "sft": "supervised fine-tuning (SFT)"}.get(method, method)
     curves = _curves(output_dir)
     body = [f"# {output_dir.name}", "",
             f"{'A LoRA adapter of' if adapter else 'A fine-tune of'} `{base}` trained with {what} by "

@@ -210,6 +210,10 @@ def test_kto_learns_the_demo_preference_and_the_cache_equals_the_online_referenc
               "--max_steps", "30", "--logging_steps", "5", "--eval_split", "test", "--eval_steps", "30"]
     run_script("dpo.py", [*common, "--output_dir", str(tmp_path / "online")])
     assert heldout_preference_accuracy(tmp_path / "online", tiny_model_dir) >= 0.9
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(tmp_path / "online" / "README.md")
+    assert card.data.tags[:2] == ["kto", "dpo_core"] and loss_type in card.data.tags
     if loss_type != "kto":
         return
     run_script("precompute_ref_logprobs.py", ["--model_name_or_path", str(tiny_model_dir), "--dataset_name",
