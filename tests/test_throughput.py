@@ -122,10 +122,12 @@ def test_throughput_scalars_in_tensorboard(tiny_model_dir, tmp_path):
     FLOPs per token / peak (both come from the same window time), computed here from the token lengths."""
     data = small_dataset(tmp_path / "data", n_train=8, n_test=4)
     out, peak = tmp_path / "run", 1e12
-    # One batch = the whole split, so every step sees the same padding whatever the shuffle.
+    # One batch = the whole split, so every step sees the same padding whatever the shuffle. The concat layout
+    # (2B right-padded rows), whose padding and FLOPs are recomputed below (auto would share the prompts).
     run_script("dpo.py", ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(data),
                           "--output_dir", str(out), "--max_length", "64", "--per_device_train_batch_size", "8",
-                          "--max_steps", "2", "--logging_steps", "1", "--peak_flops", str(peak)])
+                          "--max_steps", "2", "--logging_steps", "1", "--peak_flops", str(peak),
+                          "--forward_mode", "concat"])
     scalars = read_scalars(out / "logs")
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
