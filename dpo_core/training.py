@@ -68,6 +68,18 @@ class MetricWindow:
         return {k: (s / c).item() for k, s, c in zip(keys, sums, counts)}
 
 
+def _already_complete(accelerator: Accelerator, train_args, state, max_steps: int) -> dict:
+    """Resumed at the last step (the run had finished): nothing is trained, evaluated or logged again; the final
+    metrics are those the finished run saved, when it got that far."""
+    accelerator.print(f"resumed at step {state.global_step} of {max_steps}: the run is complete, nothing to train "
+                      "(raise --max_steps to train further)")
+    saved = Path(train_args.output_dir) / "train_results.json"
+    metrics = json.loads(saved.read_text()) if saved.exists() else {}
+    for key in ("num_processes", "distributed_type"):
+        metrics.pop(key, None)
+    return {**metrics, "global_step": state.global_step, "skipped_steps": state.skipped_steps}
+
+
 # --------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate(accelerator: Accelerator, model, dataloader, step_fn: Callable) -> dict[str, float]:
@@ -140,6 +152,8 @@ def train_loop(accelerator: Accelerator, model, optimizer, scheduler, train_load
     `on_save(path)` runs on every process after each committed `--save_steps` checkpoint (the hub push).
     """
     state = state or TrainState()
+    if state.global_step >= max_steps > 0:
+        return _already_complete(accelerator, train_args, state, max_steps)
     ids_log = open_example_ids_log(accelerator, train_args.output_dir, state.global_step) \
         if getattr(train_args, "log_example_ids", False) else None
     window, params = MetricWindow(), [p for p in model.parameters() if p.requires_grad]
@@ -203,7 +217,9 @@ def train_loop(accelerator: Accelerator, model, optimizer, scheduler, train_load
             if eval_loader is not None and train_args.eval_steps and step % train_args.eval_steps == 0:
                 eval_metrics = evaluate(accelerator, model, eval_loader, step_fn)
                 accelerator.log({f"eval/{k}": v for k, v in eval_metrics.items()}, step=step)
-            if train_args.save_steps and step % train_args.save_steps == 0:
+            # Every --save_steps, and at the last step (as transformers' Trainer): the same command run again after
+            # the end resumes there, with nothing left to train and nothing logged twice.
+            if train_args.save_steps and (step % train_args.save_steps == 0 or step >= max_steps):
                 saved = save_checkpoint(accelerator, train_args.output_dir, step, train_args.save_total_limit,
                                         scheduler=scheduler, state=state)
                 if on_save is not None:

@@ -242,3 +242,29 @@ def test_a_stop_signal_during_setup_is_kept_and_stops_at_the_first_step(
         dpo_module.run_dpo(*configs)
     assert stopped.value.checkpoint == tmp_path / "run" / "checkpoints" / "checkpoint-1"
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_the_same_command_after_the_end_trains_and_logs_nothing_again(
+        tiny_model_dir, resume_data, tmp_path, capsys, fresh_accelerate_state):
+    """A requeued job whose run had already finished (or a user re-running it): the run saved a checkpoint at its
+    last step (5, not a multiple of --save_steps 2), so the same command resumes there, trains nothing, logs no
+    step twice (TensorBoard as shown, every event file read), and leaves the weights and results as they were."""
+    import dpo_core.dpo as dpo_module
+    from dpo_core.config import DataArguments, DPOArguments, ModelArguments, TrainArguments, parse_config
+
+    run = tmp_path / "run"
+    argv = ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(resume_data), "--output_dir", str(run),
+            "--max_length", "64", "--max_steps", "5", "--save_steps", "2", "--logging_steps", "1",
+            "--per_device_train_batch_size", "2", "--resume_from_checkpoint", "latest", "--report_to", "tensorboard"]
+    dpo_module.run_dpo(*parse_config((ModelArguments, DataArguments, DPOArguments, TrainArguments), argv))
+    assert [p.name for p in complete_checkpoints(run)] == ["checkpoint-2", "checkpoint-4", "checkpoint-5"]
+    weights, first = load_weights(run), results(run)
+    event_files = len(list((run / "logs").rglob("events.out.tfevents.*")))
+    capsys.readouterr()
+    dpo_module.run_dpo(*parse_config((ModelArguments, DataArguments, DPOArguments, TrainArguments), argv))
+    assert "the run is complete, nothing to train" in capsys.readouterr().out
+    assert sorted(read_scalars_as_shown(run / "logs")["train/loss"]) == [1, 2, 3, 4, 5]  # each step once
+    assert len(list((run / "logs").rglob("events.out.tfevents.*"))) >= event_files
+    again = load_weights(run)
+    assert all(torch.equal(weights[k], again[k]) for k in weights)
+    assert results(run)["train_loss"] == first["train_loss"] and results(run)["global_step"] == 5
