@@ -147,16 +147,33 @@ def _pair_inputs(data: dict, tokenizer) -> tuple[bool, tuple, dict]:
     return False, (prompt, prompt + chosen, prompt + rejected), {}
 
 
+def _raw_backend(tokenizer):
+    """The Rust `tokenizers.Tokenizer` of a fast tokenizer when calling it directly gives what `tokenizer(...)`
+    gives (no truncation or padding configured on it: transformers would switch those off); else None. Calling it
+    directly skips transformers' per-encoding Python conversion, a quarter of the tokenization time."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is None or backend.truncation is not None or backend.padding is not None:
+        return None
+    return backend
+
+
 def _encode_batch(tokenizer, conversational: bool, texts: list, kwargs: dict, prompts: bool) -> list[list[int]]:
     """Token ids of several texts (or conversations) in one call: the same ids as one call each (batching
-    changes nothing without padding or truncation), at a fraction of the per-call cost."""
+    changes nothing without padding or truncation), at a fraction of the per-call cost. Conversations are
+    rendered by the chat template and tokenized without special tokens, as `apply_chat_template` does."""
+    backend = _raw_backend(tokenizer)
     if conversational:
-        out = tokenizer.apply_chat_template(texts, tokenize=True, return_dict=True, add_generation_prompt=prompts,
-                                            **kwargs)
+        if backend is None:
+            rows = tokenizer.apply_chat_template(texts, tokenize=True, return_dict=True,
+                                                 add_generation_prompt=prompts, **kwargs)["input_ids"]
+        else:
+            rendered = tokenizer.apply_chat_template(texts, tokenize=False, add_generation_prompt=prompts, **kwargs)
+            rows = [e.ids for e in backend.encode_batch(rendered, add_special_tokens=False)]
     else:
-        out = tokenizer(text=texts)
+        rows = tokenizer(text=texts)["input_ids"] if backend is None else \
+            [e.ids for e in backend.encode_batch(texts, add_special_tokens=True)]
     bos = tokenizer.bos_token_id
-    return [_drop_double_bos(list(ids), bos) for ids in out["input_ids"]]
+    return [_drop_double_bos(list(ids), bos) for ids in rows]
 
 
 def _finish_pair(p: list[int], pc: list[int], pr: list[int], conversational: bool, eos_id: int | None):

@@ -405,3 +405,25 @@ def test_tokenizer_fingerprint(tok, tiny_model_dir):
         changed = copy.deepcopy(tok)
         setattr(changed, attr, value)
         assert D.tokenizer_fingerprint(changed) != base, attr
+
+
+def test_the_rust_backend_path_gives_transformers_ids(tiny_model_dir):
+    """`_encode_batch` calls a fast tokenizer's Rust backend directly (skipping transformers' per-encoding
+    conversion): the ids equal `tokenizer(...)` and `apply_chat_template(...)`; a backend with truncation or
+    padding configured is not called directly."""
+    from transformers import AutoTokenizer
+
+    from dpo_core.data import _encode_batch, _raw_backend
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert _raw_backend(tokenizer) is not None
+    texts = ["Hello there, how are you?", " A completion." + tokenizer.eos_token, "émoji 🙂 and tabs\tok"]
+    assert _encode_batch(tokenizer, False, texts, {}, prompts=False) == tokenizer(text=texts)["input_ids"]
+    chats = [[{"role": "user", "content": "Hi!"}], [{"role": "user", "content": "2+2?"},
+                                                   {"role": "assistant", "content": "4."}]]
+    for prompts in (True, False):
+        want = tokenizer.apply_chat_template(chats, tokenize=True, return_dict=True,
+                                             add_generation_prompt=prompts)["input_ids"]
+        assert _encode_batch(tokenizer, True, chats, {}, prompts=prompts) == [list(x) for x in want]
+    tokenizer.backend_tokenizer.enable_truncation(4)
+    assert _raw_backend(tokenizer) is None
