@@ -29,6 +29,7 @@ def _logps_and_grads(model, mode, pairs):
     return torch.cat([out.chosen_logps, out.rejected_logps]).detach(), grads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_compiled_blocks_equal_eager_in_every_layout(lora):
     eager = make_model("llama", "sdpa").train()

@@ -146,6 +146,7 @@ def test_bad_unpaired_records_name_their_line_and_field(tiny_model_dir):
     assert "mixes paired" in problems[0].reason
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss_type", sorted(UNPAIRED_LOSSES))
 def test_one_step_equals_trl_kto_trainer(tiny_model_dir, loss_type):
     """Reference moved away from the policy (seeded noise): our step's loss, KL point and rewards on a batch of
