@@ -158,13 +158,18 @@ def setup_dpo(accelerator: Accelerator, model_args, data_args, dpo_args, train_a
     if dpo_args.sync_ref_model:  # before a resume: the checkpoint restores the synced reference
         on_step_end = setup_reference_sync(accelerator, model, ref_model, alpha=dpo_args.ref_model_mixup_alpha,
                                            sync_steps=dpo_args.ref_model_sync_steps)
-    # After prepare: the blocks compile in place, inside DDP / DeepSpeed (dpo_core.compiling).
-    compile_for_training(accelerator, train_args, model, *([ref_model] if ref_model is not None and not adapter_ref
-                                                            else []))
+    # After prepare: the blocks compile in place, inside DDP / DeepSpeed (dpo_core.compiling). A LoRA run's reference
+    # is the policy itself.
+    separate_ref = [ref_model] if ref_model is not None and not adapter_ref else []
+    compile_for_training(accelerator, train_args, model, *separate_ref)
     # `auto`: probed on the prepared policy, every process in step, before the first batch (dpo_core.layouts).
     layout.resolve(model, examples["train"], accelerator=accelerator, log=accelerator.print)
-    make_step = make_kto_step if unpaired else make_dpo_step
-    step_fn = make_step(dpo_args, forward=layout.forward, ref_model=ref_model, ref_context=ref_context)
+    step_args = dict(forward=layout.forward, ref_model=ref_model, ref_context=ref_context)
+    if unpaired:
+        step_fn = make_kto_step(dpo_args, **step_args,
+                                reduce_mean=lambda value: accelerator.reduce(value, reduction="mean"))
+    else:
+        step_fn = make_dpo_step(dpo_args, **step_args)
     return DPORun(model, tokenizer, optimizer, train_loader, eval_loader, step_fn, on_step_end, batch_flops,
                   layout.mode)
 

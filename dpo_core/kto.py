@@ -21,19 +21,10 @@ from .kto_data import kto_labels
 from .losses import kl_point, kto_loss, uses_kl
 
 
-def reduce_mean_over_processes(value: torch.Tensor) -> torch.Tensor:
-    """The mean of a 0-dim tensor over the processes (TRL: `gather_for_metrics(kl).mean()`)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return value
-    value = value.detach().clone().float()
-    torch.distributed.all_reduce(value)
-    return value / torch.distributed.get_world_size()
-
-
-def make_kto_step(dpo_args, *, forward, ref_model=None, ref_context=contextlib.nullcontext,
-                  reduce_mean=reduce_mean_over_processes):
+def make_kto_step(dpo_args, *, forward, ref_model=None, ref_context=contextlib.nullcontext, reduce_mean=None):
     """`(model, batch) -> (mean loss, stats)` for an unpaired loss; the reference from the batch (cache) or
-    `ref_model` (inside `ref_context()`)."""
+    `ref_model` (inside `ref_context()`). `reduce_mean(tensor)`: the mean over the processes of the KL point
+    (`accelerator.reduce(..., reduction="mean")`, TRL's `gather_for_metrics(kl).mean()`); None: one process."""
     loss_type = dpo_args.unpaired_loss()
 
     def step(model, batch):
@@ -50,12 +41,12 @@ def make_kto_step(dpo_args, *, forward, ref_model=None, ref_context=contextlib.n
                                    kl=kl, desirable_weight=dpo_args.desirable_weight,
                                    undesirable_weight=dpo_args.undesirable_weight)
         point = torch.zeros((), device=rewards.device) if kl is None else kl
-        logps, above = out.chosen_logps.detach(), (rewards / dpo_args.beta > point).float()
+        logratios, logps = rewards / dpo_args.beta, out.chosen_logps.detach()
         stats = {"loss": losses.detach(), "kl": point.detach().reshape(1),
                  "rewards/chosen": (rewards, labels), "rewards/rejected": (rewards, ~labels),
                  "logps/chosen": (logps, labels), "logps/rejected": (logps, ~labels),
-                 "accuracy/desirable": (above, labels),
-                 "accuracy/undesirable": ((rewards / dpo_args.beta < point).float(), ~labels)}
+                 "accuracy/desirable": ((logratios > point).float(), labels),
+                 "accuracy/undesirable": ((logratios < point).float(), ~labels)}
         return losses.mean(), stats
 
     return step

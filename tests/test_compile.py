@@ -29,24 +29,35 @@ def _logps_and_grads(model, mode, pairs):
     return torch.cat([out.chosen_logps, out.rejected_logps]).detach(), grads
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_compiled_blocks_equal_eager_in_every_layout(lora):
-    eager = make_model("llama", "sdpa").train()
+def _llama(lora: bool):
+    """The tiny sdpa Llama in training mode, with a LoRA adapter (q, v; no dropout) when `lora`."""
+    model = make_model("llama", "sdpa").train()
     if lora:
         from peft import LoraConfig, get_peft_model
 
-        eager = get_peft_model(eager, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
-    compiled = copy.deepcopy(eager)
-    assert compile_blocks(compiled, backend="aot_eager") == len(decoder_blocks(eager)) == 2
-    pairs, before = _pairs((8, 20), (2, 9)), compiled_graphs()
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    return model
+
+
+def _assert_same_in_every_layout(want_model, got_model, pairs):
+    """Per-sequence log-probs (1e-5) and every parameter's gradient (1e-5 + 1e-4 rel) equal, in every layout."""
     for mode in LAYOUTS:
-        want, want_grads = _logps_and_grads(eager, mode, pairs)
-        got, got_grads = _logps_and_grads(compiled, mode, pairs)
+        want, want_grads = _logps_and_grads(want_model, mode, pairs)
+        got, got_grads = _logps_and_grads(got_model, mode, pairs)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-6, msg=mode)
         assert want_grads.keys() == got_grads.keys() and want_grads, mode
         for name in want_grads:
             torch.testing.assert_close(got_grads[name], want_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_compiled_blocks_equal_eager_in_every_layout(lora):
+    eager = _llama(lora)
+    compiled = copy.deepcopy(eager)
+    assert compile_blocks(compiled, backend="aot_eager") == len(decoder_blocks(eager)) == 2
+    pairs, before = _pairs((8, 20), (2, 9)), compiled_graphs()
+    _assert_same_in_every_layout(eager, compiled, pairs)
     assert compiled_graphs() > before  # the blocks really ran compiled
     # the parameters keep their names: checkpoints and adapters load into an eager model
     assert [n for n, _ in compiled.named_parameters()] == [n for n, _ in eager.named_parameters()]
@@ -85,19 +96,9 @@ def test_compiled_two_process_lora_run_with_resume_equals_eager(tiny_model_dir, 
 def test_gradient_checkpointing_equals_plain_in_every_layout(lora):
     """--gradient_checkpointing (transformers' per-layer recomputation) under every layout's masks and positions
     and the chunked head (its own recomputation per chunk): the same log-probs and gradients (1e-5)."""
-    plain = make_model("llama", "sdpa").train()
-    if lora:
-        from peft import LoraConfig, get_peft_model
-
-        plain = get_peft_model(plain, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    plain = _llama(lora)
     checkpointed = copy.deepcopy(plain)
     enable_gradient_checkpointing(checkpointed)  # what dpo.py and sft.py call
     assert checkpointed.is_gradient_checkpointing
     pairs = _pairs((8, 20), (2, 9))
-    for mode in LAYOUTS:
-        want, want_grads = _logps_and_grads(plain, mode, pairs)
-        got, got_grads = _logps_and_grads(checkpointed, mode, pairs)
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-6, msg=mode)
-        assert want_grads.keys() == got_grads.keys() and want_grads, mode
-        for name in want_grads:
-            torch.testing.assert_close(got_grads[name], want_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    _assert_same_in_every_layout(plain, checkpointed, pairs)

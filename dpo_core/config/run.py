@@ -3,6 +3,8 @@
 (flags only: files and models are checked where they are loaded).
 
 Field names follow TRL's `DPOConfig` / transformers' `TrainingArguments` so users switch without relearning.
+Past ~450 lines on purpose: one declaration per flag with its help text (what `--help` and the docs show), and
+nothing else but each group's validation.
 """
 
 from __future__ import annotations
