@@ -342,7 +342,8 @@ def prepare_examples(dataset_name: str, tokenizer, settings: TokenizeSettings, *
                      max_eval_samples: int | None = None, cache_dir: str | Path | None = None,
                      num_proc: int | None = None, progress: bool = True
                      ) -> tuple[dict[str, list[Record]], dict[str, list[Example]]]:
-    """`load_splits` + `tokenize_records` (or `tokenize`, same signature) per split + one `check_problems`.
+    """`load_splits` + `tokenize_records` (or `tokenize`, same signature, or an object whose
+    `for_records(split's records)` gives it) per split + one `check_problems`.
 
     With `cache_dir` (a folder, or "default" for `PreparedStore.default()`) each split is tokenized once into
     that store (`dpo_core.prepared`, `num_proc` worker processes) and read back memory-mapped by every later
@@ -363,11 +364,14 @@ def prepare_examples(dataset_name: str, tokenizer, settings: TokenizeSettings, *
 
         store = PreparedStore.default() if str(cache_dir) == "default" else PreparedStore(cache_dir)
     for name, split_records in records.items():
+        fn = tokenize or tokenize_records
+        if hasattr(fn, "for_records"):  # chosen per split from its records (`kto_data.EitherFormat`)
+            fn = fn.for_records(split_records)
         if store is None:
-            examples[name], problems = (tokenize or tokenize_records)(split_records, tokenizer, settings)
+            examples[name], problems = fn(split_records, tokenizer, settings)
         else:
-            examples[name], problems = store.tokenize(split_records, tokenizer, settings, tokenize or tokenize_records,
-                                                      num_proc=num_proc, desc=f"tokenizing {name}", progress=progress)
+            examples[name], problems = store.tokenize(split_records, tokenizer, settings, fn, num_proc=num_proc,
+                                                      desc=f"tokenizing {name}", progress=progress)
         all_problems += problems
         logger.info("%s: %d of %d records tokenized", name, len(examples[name]), len(split_records))
     check_problems(all_problems, on_invalid=on_invalid, report_path=report_path)

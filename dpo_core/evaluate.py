@@ -14,6 +14,8 @@ policy, on the held-out preference split tokenized exactly as `scripts/dpo.py` t
 - KL(policy || reference), sequence level: `mean log pi(y|x) - log ref(y|x)` over completions `y` sampled
   from the policy (temperature 1, no top-p/top-k: the model's own distribution, cut at `max_new_tokens`) on
   held-out prompts; its standard error is computed over prompts (samples of one prompt are correlated);
+- on an unpaired (KTO) split instead of pairs: each completion's log-ratio against the split's KL point, per
+  label (`kto.kto_metrics`), perplexity and token-level KL over every completion;
 - answers of every model and of the reference to a few held-out prompts, and with a reward model
   (`AutoModelForSequenceClassification`, one label) the win rate of each model's answer against the
   reference's answer to the same prompt (ties apart: equal answers, or scores equal to float32 noise).
@@ -46,10 +48,12 @@ from .config import resolved_config
 from .distributed import make_accelerator
 from .errors import ConfigError, DataError, OutputExistsError
 from .generation import decode_answer, generate_ids
+from .kto import kto_metrics
+from .kto_data import EitherFormat, is_unpaired, kto_labels
 from .layouts import LAYOUTS
 from .losses import preference_metrics, tie_tolerance
 from .modeling import gguf_of, load_model, load_tokenizer
-from .report import markdown_table, read_training_curves, save_plot
+from .report import margin_summary, markdown_table, read_training_curves, save_plot
 from .trackers import (
     DEFAULT_PROJECT,
     RUNS_FILE,
@@ -62,7 +66,6 @@ from .trackers import (
 )
 
 REFERENCE = "reference"
-QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
 
 
 def named_paths(specs: list[str] | None, what: str) -> list[tuple[str, str]]:
@@ -163,8 +166,7 @@ def pair_metrics(scores: dict[str, torch.Tensor], beta: float) -> tuple[dict, to
         "accuracy": pm["rewards/accuracies"].mean().item(),
         "ties": pm["rewards/ties"].mean().item(),
         "accuracy_ties_half": pm["rewards/accuracies_ties_half"].mean().item(),
-        "reward_margin": {"mean": margins.mean().item(), "std": margins.std(unbiased=False).item(),
-                          "quantiles": {str(q): torch.quantile(margins, q).item() for q in QUANTILES}},
+        "reward_margin": margin_summary(margins),
         "rewards/chosen": chosen_rewards.mean().item(), "rewards/rejected": rejected_rewards.mean().item(),
         "logps/chosen": s["chosen_logps"].mean().item(), "logps/rejected": s["rejected_logps"].mean().item(),
         "perplexity": math.exp(s["chosen_nll"].sum().item() / tokens.item()),
@@ -174,13 +176,18 @@ def pair_metrics(scores: dict[str, torch.Tensor], beta: float) -> tuple[dict, to
     return metrics, margins
 
 
-def reference_metrics(scores: dict[str, torch.Tensor]) -> dict:
-    """What is meaningful for the reference alone: its perplexity and log-probs on the same pairs."""
+def reference_metrics(scores: dict[str, torch.Tensor], unpaired: bool = False) -> dict:
+    """What is meaningful for the reference alone: its perplexity and log-probs on the same pairs (unpaired:
+    on the completions, per label)."""
     s = {k: v.double() for k, v in scores.items()}
     tokens = s["chosen_tokens"].sum().item()
-    return {"perplexity": math.exp(s["ref_chosen_nll"].sum().item() / tokens),
-            "logps/chosen": s["ref_chosen_logps"].mean().item(),
-            "logps/rejected": s["ref_rejected_logps"].mean().item(), "num_chosen_tokens": int(tokens)}
+    out = {"perplexity": math.exp(s["ref_chosen_nll"].sum().item() / tokens), "num_chosen_tokens": int(tokens)}
+    if not unpaired:
+        return {**out, "logps/chosen": s["ref_chosen_logps"].mean().item(),
+                "logps/rejected": s["ref_rejected_logps"].mean().item()}
+    labels = kto_labels(scores["ids"])
+    return {**out, **{f"logps/{name}": s["ref_chosen_logps"][where].mean().item()
+                      for name, where in (("desirable", labels), ("undesirable", ~labels)) if bool(where.any())}}
 
 
 @torch.no_grad()
@@ -345,16 +352,21 @@ def evaluate_models(model_args, data_args, eval_args) -> dict:
     for _, path in models:
         _check_tokenizer(path, tokenizer, model_args)
     with accelerator.main_process_first():  # tokenized exactly as scripts/dpo.py does
+        # Unpaired (KTO) records: each completion with a KL completion, as dpo.py --loss_type kto tokenizes them.
         records, examples = data_lib.prepare_from_args(data_args, tokenizer, seed=eval_args.seed,
                                                        report_path=output_dir / "invalid_records.jsonl",
-                                                       progress=accelerator.is_main_process)
+                                                       progress=accelerator.is_main_process,
+                                                       tokenize=EitherFormat(max(2, eval_args.per_device_eval_batch_size)))
     split = "eval" if "eval" in examples else "train"
     split_name = data_args.eval_split or (f"{data_args.dataset_split} (eval_fraction {data_args.eval_fraction})"
                                           if split == "eval" else data_args.dataset_split)
     pairs = sorted(examples[split], key=lambda e: e.id)
     if not pairs:
         raise DataError(f"{data_args.dataset_name}: no usable held-out pairs in split {split_name!r}")
+    unpaired = is_unpaired(records[split])
     prompt_by_id = {r.id: _prompt_of(r.data) for r in records[split] if r.data is not None}
+    if unpaired:  # an example's id is 2 * its record's id + (0 desirable, 1 undesirable)
+        prompt_by_id = {e.id: prompt_by_id[e.id // 2] for e in pairs}
 
     loader = accelerator.prepare(torch.utils.data.DataLoader(
         PairDataset(pairs), batch_size=eval_args.per_device_eval_batch_size, shuffle=False,
@@ -374,16 +386,17 @@ def evaluate_models(model_args, data_args, eval_args) -> dict:
             return dict(_gather(accelerator, list(zip(mine, ids))))
 
     ref = load(ref_path, gguf_file=gguf_of(model_args, ref_path)).to(accelerator.device)
-    results = {"dataset": data_args.dataset_name, "split": split_name, "num_pairs": len(pairs), "beta": eval_args.beta,
-               "reference_model": ref_path, "models": {}, "training_curves": curves}
+    results = {"dataset": data_args.dataset_name, "split": split_name, "format": "unpaired" if unpaired else "pairs",
+               ("num_examples" if unpaired else "num_pairs"): len(pairs), "beta": eval_args.beta, "reference_model": ref_path, "models": {},
+               "training_curves": curves}
     margins, answers = {}, {REFERENCE: answers_of(ref)}
     for name, path in models:
-        accelerator.print(f"evaluating {name} ({path}) on {len(pairs)} pairs")
+        accelerator.print(f"evaluating {name} ({path}) on {len(pairs)} {'examples' if unpaired else 'pairs'}")
         policy = load(path, gguf_file=gguf_of(model_args, path)).to(accelerator.device)
         scores = score_pairs(accelerator, policy, ref, loader)
         if REFERENCE not in results["models"]:
-            results["models"][REFERENCE] = {"path": ref_path, **reference_metrics(scores)}
-        metrics, margins[name] = pair_metrics(scores, eval_args.beta)
+            results["models"][REFERENCE] = {"path": ref_path, **reference_metrics(scores, unpaired)}
+        metrics, margins[name] = (kto_metrics if unpaired else pair_metrics)(scores, eval_args.beta)
         if kl_items:
             with accelerator.split_between_processes(kl_items) as mine:
                 ratios = sampled_log_ratios(policy, ref, tokenizer, [prompt_ids[i] for i, _ in mine],

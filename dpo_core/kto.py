@@ -14,11 +14,13 @@ evaluation metric of unpaired data).
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
 from .kto_data import kto_labels
-from .losses import kl_point, kto_loss, uses_kl
+from .losses import kl_point, kto_loss, tie_tolerance, uses_kl
+from .report import margin_summary
 
 
 def make_kto_step(dpo_args, *, forward, ref_model=None, ref_context=contextlib.nullcontext, reduce_mean=None):
@@ -50,3 +52,44 @@ def make_kto_step(dpo_args, *, forward, ref_model=None, ref_context=contextlib.n
         return losses.mean(), stats
 
     return step
+
+
+def kto_metrics(scores: dict[str, torch.Tensor], beta: float) -> tuple[dict, torch.Tensor]:
+    """Held-out metrics of unpaired examples (scripts/evaluate.py) from `evaluate.score_pairs`'s output, whose
+    "chosen" rows are the completions and "rejected" rows their KL completions.
+
+    The KL point is the training step's estimate over the whole split: `max(0, mean(log pi - log ref))` of the
+    mismatched (prompt, KL completion) rows. An example is on the right side when its log-ratio is above the KL
+    point (desirable) or below it (undesirable); its signed margin `beta * (log-ratio - KL point)`, negated for
+    undesirable examples, is positive then. Margins within `tie_tolerance` of the two log-probs are ties.
+
+    Returns:
+        (metrics, the `(N,)` float64 signed margins): `accuracy` (all examples), `accuracy/desirable`,
+        `accuracy/undesirable`, ties, `kl_point`, rewards and log-probs per label, perplexity and token-level KL
+        over every completion.
+    """
+    s = {k: v.double() for k, v in scores.items()}
+    labels = kto_labels(scores["ids"])
+    logratios = s["chosen_logps"] - s["ref_chosen_logps"]
+    point = torch.clamp((s["rejected_logps"] - s["ref_rejected_logps"]).mean(), min=0)
+    margins = beta * (logratios - point) * torch.where(labels, 1.0, -1.0).double()
+    ties = margins.abs() <= tie_tolerance(s["chosen_logps"], s["ref_chosen_logps"], beta).double()
+    right = (margins > 0) & ~ties
+    tokens = s["chosen_tokens"].sum().item()
+
+    def share(values, where):
+        return values[where].double().mean().item() if bool(where.any()) else None
+
+    metrics = {
+        "accuracy": right.double().mean().item(), "ties": ties.double().mean().item(),
+        "accuracy_ties_half": (right.double() + 0.5 * ties.double()).mean().item(),
+        "accuracy/desirable": share(right, labels), "accuracy/undesirable": share(right, ~labels),
+        "kl_point": point.item(),
+        "reward_margin": margin_summary(margins),
+        "rewards/desirable": share(beta * logratios, labels), "rewards/undesirable": share(beta * logratios, ~labels),
+        "logps/desirable": share(s["chosen_logps"], labels), "logps/undesirable": share(s["chosen_logps"], ~labels),
+        "perplexity": math.exp(s["chosen_nll"].sum().item() / tokens),
+        "kl_token_level": s["kl_sum"].sum().item() / tokens,
+        "num_examples": len(margins), "num_desirable": int(labels.sum().item()), "num_completion_tokens": int(tokens),
+    }
+    return metrics, margins

@@ -44,9 +44,20 @@ def _validate_single(pair: dict) -> list[tuple[str, str]]:
     return [("completion" if f == "chosen" else f, reason) for f, reason in found]
 
 
+def is_unpaired(records: list[Record]) -> bool:
+    """Whether a split holds unpaired records (`completion`/`label`, no `chosen`), judged by its first valid
+    record (`KTOTokenize` refuses a split that mixes the formats)."""
+    first = next((r.data for r in records if r.data is not None), None)
+    return first is not None and "chosen" not in first and ("completion" in first or "label" in first)
+
+
 class KTOTokenize:
     """`tokenize(records, tokenizer, settings) -> (examples, problems)` for KTO with KL blocks of `kl_block`
-    examples; its `__qualname__` names the block size, so the prepared-data store keys on it."""
+    examples; its `__qualname__` names the block size, so the prepared-data store keys on it. It sees a whole
+    split at once (`whole_split`: TRL's unpairing blocks and the KL rotation run over the split, so the prepared
+    store does not cut it into worker chunks)."""
+
+    whole_split = True
 
     def __init__(self, kl_block: int):
         if kl_block < 2:
@@ -100,3 +111,14 @@ class KTOTokenize:
         return out
 
 
+
+
+class EitherFormat:
+    """For scripts that take either format (evaluation): `for_records(split's records)` is `KTOTokenize(kl_block)`
+    for unpaired records and the preference pairs' `tokenize_records` otherwise (`data.prepare_examples`)."""
+
+    def __init__(self, kl_block: int):
+        self.kto = KTOTokenize(kl_block)
+
+    def for_records(self, records: list[Record]):
+        return self.kto if is_unpaired(records) else tokenize_records

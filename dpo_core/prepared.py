@@ -160,15 +160,17 @@ def tokenize_parallel(records: list[Record], tokenizer, settings, tokenize, *, n
                       desc: str = "tokenizing", progress: bool = True, sink=None
                       ) -> tuple[ExampleArrays | None, list[Problem]]:
     """`tokenize(records, tokenizer, settings)` over `num_proc` worker processes, chunk by chunk, in input order,
-    with a progress bar (records, rate, ETA). One process where the records are few or `num_proc <= 1`.
+    with a progress bar (records, rate, ETA). One process where the records are few or `num_proc <= 1`, and one
+    call when `tokenize.whole_split` is true (its result depends on the whole split, not on each record).
     With `sink`, each chunk's arrays go to `sink(part)` as they come and the returned arrays are None."""
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(records), desc=desc, unit=" records", disable=not progress or len(records) < CHUNK,
                mininterval=1.0)
-    chunks = [records[i: i + CHUNK] for i in range(0, len(records), CHUNK)]
+    whole = getattr(tokenize, "whole_split", False)  # e.g. KTO's KL rotation: one call over every record
+    chunks = [records] if whole else [records[i: i + CHUNK] for i in range(0, len(records), CHUNK)]
     parts, problems = [], []
-    if num_proc <= 1 or len(records) < POOL_MIN_RECORDS:
+    if whole or num_proc <= 1 or len(records) < POOL_MIN_RECORDS:
         for chunk in chunks:
             examples, found = tokenize(chunk, tokenizer, settings)
             part = ExampleArrays.from_examples(examples)

@@ -9,8 +9,17 @@ from pathlib import Path
 
 from .errors import MissingError
 
+QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)  # of the reward margins
 CURVE_TAGS = ("train/loss", "train/rewards/accuracies", "train/rewards/margins", "eval/loss",
               "eval/rewards/accuracies", "eval/rewards/margins")
+
+
+def margin_summary(margins) -> dict:
+    """Mean, std (population) and `QUANTILES` of a `(N,)` float64 tensor of reward margins."""
+    import torch
+
+    return {"mean": margins.mean().item(), "std": margins.std(unbiased=False).item(),
+            "quantiles": {str(q): torch.quantile(margins, q).item() for q in QUANTILES}}
 
 
 # ------------------------------------------------------------------------------------------ curves, plot
@@ -84,25 +93,33 @@ def markdown_table(results: dict) -> str:
     """Models side by side (the reference first); a dash where a metric is not defined for a column."""
     models = results["models"]
     names = list(models)
+    unpaired = results.get("format") == "unpaired"
     rows = [
-        ("preference accuracy (ties apart)", lambda m: _fmt(m.get("accuracy"))),
+        ("accuracy vs the KL point (ties apart)" if unpaired else "preference accuracy (ties apart)",
+         lambda m: _fmt(m.get("accuracy"))),
         ("ties", lambda m: _fmt(m.get("ties"))),
         ("accuracy, ties as half", lambda m: _fmt(m.get("accuracy_ties_half"))),
         ("reward margin, mean", lambda m: _fmt(m.get("reward_margin", {}).get("mean"))),
         ("reward margin, median [p5, p95]", lambda m: "—" if "reward_margin" not in m else
          "{:.4f} [{:.4f}, {:.4f}]".format(*(m["reward_margin"]["quantiles"][q] for q in ("0.5", "0.05", "0.95")))),
-        ("perplexity, chosen", lambda m: _fmt(m.get("perplexity"), 3)),
+        ("perplexity, completions" if unpaired else "perplexity, chosen", lambda m: _fmt(m.get("perplexity"), 3)),
         ("KL(policy || ref), token level", lambda m: _fmt(m.get("kl_token_level"))),
         ("KL(policy || ref), sampled ± s.e.", lambda m: "—" if "kl_sampled" not in m else
          f"{m['kl_sampled']['mean']:.4f} ± {m['kl_sampled']['stderr']:.4f}"),
         ("win rate vs reference (ties)", lambda m: "—" if "win_rate" not in m else
          f"{m['win_rate']['win_rate']:.3f} ({m['win_rate']['ties']:.3f})"),
     ]
+    if unpaired:  # KTO's evaluation (dpo_core.kto.kto_metrics)
+        rows[1:1] = [("desirable above the KL point", lambda m: _fmt(m.get("accuracy/desirable"))),
+                     ("undesirable below the KL point", lambda m: _fmt(m.get("accuracy/undesirable"))),
+                     ("KL point", lambda m: _fmt(m.get("kl_point")))]
     if not any("win_rate" in m for m in models.values()):
         rows = rows[:-1]
     if not any("kl_sampled" in m for m in models.values()):
         rows = [r for r in rows if not r[0].startswith("KL(policy || ref), sampled")]
-    lines = [f"Held-out pairs: {results['num_pairs']} ({results['dataset']}, split {results['split']}), "
+    count = (f"Held-out unpaired examples: {results['num_examples']}" if unpaired
+             else f"Held-out pairs: {results['num_pairs']}")
+    lines = [f"{count} ({results['dataset']}, split {results['split']}), "
              f"beta = {results['beta']}, reference = {results['reference_model']}", "",
              "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for label, get in rows:

@@ -22,6 +22,9 @@ With --config, the data/tokenization flags and --beta/--seed come from the train
 are ignored) and the reference defaults to the recipe's model, as in dpo.py. The held-out split is
 --eval_split (or the --eval_fraction carve-out of --dataset_split, seeded by --seed), else --dataset_split.
 
+An unpaired file ({"prompt", "completion", "label"} records, as --loss_type kto trains on) is scored as KTO
+scores it: the share of desirable completions whose log-ratio is above the KL point, of undesirable ones below.
+
 Writes into --output_dir: results.json (every metric, per model; the reference in its own entry),
 generation_samples.json (each model's and the reference's answers, and rewards with --reward_model), the PNG
 (--plot_file: reward-margin histograms, and the --run_dirs training curves), and prints a markdown table.

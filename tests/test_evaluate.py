@@ -260,3 +260,93 @@ def test_every_flag_of_the_new_scripts_has_help():
     for group in (EvalArguments, GenerationArguments, IdentityArguments):
         for f in fields(group):
             assert len(f.metadata.get("help", "")) > 5, f"{group.__name__}.{f.name} has no help"
+
+
+def unpaired_dataset(path, n_test):
+    """An unpaired (KTO) test split from the demo pairs: desirable and undesirable completions interleaved, every
+    third prompt with its undesirable completion only."""
+    from helpers import DEMO_DATA
+
+    path.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", 4), ("test", n_test)):
+        pairs = [json.loads(line) for line in (DEMO_DATA / f"{split}.jsonl").read_text().splitlines()[:n]]
+        rows = [{"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"}
+                for i, r in enumerate(pairs) for side in (("chosen", "rejected") if i % 3 else ("rejected",))]
+        (path / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.mark.slow
+def test_unpaired_files_get_kto_metrics_recomputed_naively(setup, tmp_path):
+    """KTO's held-out metrics: each example's log-ratio against the KL point (the mean log-ratio of the mismatched
+    prompt / KL-completion rows, clamped at 0), per label, recomputed one sequence at a time in float64; the KL
+    completions are those dpo.py --loss_type kto trains on (blocks of the eval batch size)."""
+    from dpo_core.kto_data import KTOTokenize, kto_labels
+
+    data = unpaired_dataset(tmp_path / "data", 9)
+    out = tmp_path / "eval"
+    flat = load_model(str(setup["ref"]))  # flatter than the reference: mismatched completions gain log-prob
+    with torch.no_grad():
+        flat.lm_head.weight.mul_(0.3)
+    flat.save_pretrained(tmp_path / "flat")
+    proc = run_script("evaluate.py", ["--models", f"pol={tmp_path / 'flat'}", "--reference_model", str(setup["ref"]),
+                                      "--dataset_name", str(data), "--eval_split", "test", "--max_length", "64",
+                                      "--beta", str(BETA), "--per_device_eval_batch_size", "4", "--kl_samples", "0",
+                                      "--generation_prompts", "2", "--max_new_tokens", "4", "--output_dir", str(out)])
+    tok = load_tokenizer(str(setup["ref"]))
+    pol = load_model(str(tmp_path / "flat"), trainable=False).double()
+    ref = load_model(str(setup["ref"]), trainable=False).double()
+    _, examples = data_lib.prepare_examples(str(data), tok, data_lib.TokenizeSettings(max_length=64), split="train",
+                                            eval_split="test", tokenize=KTOTokenize(4))
+    rows = []
+    with torch.no_grad():
+        for e in examples["eval"]:
+            lp, _ = naive_logps(pol, e.prompt_ids, e.chosen_ids)
+            lr, _ = naive_logps(ref, e.prompt_ids, e.chosen_ids)
+            kp, _ = naive_logps(pol, e.prompt_ids, e.rejected_ids)
+            kr, _ = naive_logps(ref, e.prompt_ids, e.rejected_ids)
+            rows.append((bool(kto_labels(e.id)), lp - lr, kp - kr, lp))
+    point = max(0.0, sum(r[2] for r in rows) / len(rows))
+    right = [(ratio > point) == desirable for desirable, ratio, _, _ in rows]
+    got = results(out)
+    assert got["format"] == "unpaired" and got["num_examples"] == len(rows) == 15
+    pol_metrics = got["models"]["pol"]
+    assert pol_metrics["kl_point"] == pytest.approx(point, abs=1e-4) and point > 0
+    for name, want in (("desirable", True), ("undesirable", False)):
+        mine = [ok for ok, (desirable, *_) in zip(right, rows) if desirable == want]
+        assert pol_metrics[f"accuracy/{name}"] == pytest.approx(sum(mine) / len(mine))
+        assert pol_metrics[f"rewards/{name}"] == pytest.approx(
+            BETA * sum(r[1] for r in rows if r[0] == want) / len(mine), abs=1e-5)
+    assert 0 < sum(right) < len(rows) and pol_metrics["accuracy"] == pytest.approx(sum(right) / len(rows))
+    margins = [BETA * (ratio - point) * (1 if desirable else -1) for desirable, ratio, _, _ in rows]
+    assert pol_metrics["reward_margin"]["mean"] == pytest.approx(sum(margins) / len(rows), abs=1e-5)
+    assert pol_metrics["num_desirable"] == sum(r[0] for r in rows) == 6
+    reference = got["models"]["reference"]
+    assert reference["logps/undesirable"] == pytest.approx(
+        sum(r[3] - r[1] for r in rows if not r[0]) / 9, rel=1e-4)
+    table = [line for line in proc.stdout.splitlines() if line.startswith("|")]
+    assert any(line.startswith("| undesirable below the KL point | — | ") for line in table)
+    assert "Held-out unpaired examples: 15" in proc.stdout
+    samples = json.loads((out / "generation_samples.json").read_text())
+    assert [s["prompt"] for s in samples] == [json.loads(line)["prompt"]
+                                             for line in (data / "test.jsonl").read_text().splitlines()[:2]]
+
+
+def test_kto_metrics_clamp_the_kl_point_and_count_ties():
+    """A negative mean KL log-ratio is clamped to 0; a log-ratio equal to the point is a tie, not a win."""
+    from dpo_core.kto import kto_metrics
+
+    scores = {"ids": torch.tensor([0, 1, 2, 5]),  # desirable, undesirable, desirable, undesirable
+              "chosen_logps": torch.tensor([-10.0, -10.0, -12.0, -9.0]),
+              "ref_chosen_logps": torch.tensor([-11.0, -10.0, -11.0, -10.0]),
+              "rejected_logps": torch.tensor([-20.0, -21.0, -22.0, -23.0]),
+              "ref_rejected_logps": torch.tensor([-19.0, -20.0, -21.0, -22.0]),
+              "chosen_nll": torch.tensor([10.0, 10.0, 12.0, 9.0]), "chosen_tokens": torch.tensor([5, 5, 6, 4]),
+              "kl_sum": torch.tensor([0.5, 0.0, 0.5, 1.0])}
+    metrics, margins = kto_metrics(scores, beta=0.5)
+    assert metrics["kl_point"] == 0.0
+    assert margins.tolist() == pytest.approx([0.5, 0.0, -0.5, -0.5])
+    assert metrics["accuracy/desirable"] == 0.5 and metrics["accuracy/undesirable"] == 0.0
+    assert metrics["ties"] == 0.25 and metrics["accuracy"] == 0.25 and metrics["accuracy_ties_half"] == 0.375
+    assert metrics["rewards/desirable"] == pytest.approx(0.0) and metrics["rewards/undesirable"] == pytest.approx(0.25)
+    assert metrics["perplexity"] == pytest.approx(math.exp(41 / 20)) and metrics["kl_token_level"] == pytest.approx(0.1)

@@ -125,6 +125,28 @@ def test_kto_examples_are_trls_tokens_labels_and_kl_completions(tiny_model_dir, 
            [(t["prompt_ids"], t["completion_ids"], t["KL_completion_ids"], t["label"]) for t in theirs]
 
 
+def test_the_prepared_store_tokenizes_a_large_kto_split_as_one_call(tiny_model_dir, tmp_path):
+    """Past the store's worker threshold (2048 records) a KTO split is still unpaired in TRL's blocks of 1000 and
+    its KL completions rotated over the whole split, not per worker chunk: equal to one direct call."""
+    from helpers import DEMO_DATA
+
+    from dpo_core.data import TokenizeSettings
+    from dpo_core.kto_data import KTOTokenize
+    from dpo_core.modeling import load_tokenizer
+    from dpo_core.prepared import POOL_MIN_RECORDS, PreparedStore
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    demo = [json.loads(line) for line in (DEMO_DATA / "train.jsonl").read_text().splitlines()]
+    rows = [demo[i % len(demo)] for i in range(POOL_MIN_RECORDS + 333)]
+    settings = TokenizeSettings(max_length=None)
+    direct, _ = KTOTokenize(3)(_records(rows), tokenizer, settings)
+    stored, problems = PreparedStore(tmp_path).tokenize(_records(rows), tokenizer, settings, KTOTokenize(3),
+                                                        num_proc=2, progress=False)
+    assert problems == [] and len(stored) == len(direct) == 2 * len(rows)
+    assert [(e.id, e.prompt_ids, e.chosen_ids, e.rejected_ids) for e in direct] == \
+           [(int(e.id), list(e.prompt_ids), list(e.chosen_ids), list(e.rejected_ids)) for e in stored]
+
+
 def test_bad_unpaired_records_name_their_line_and_field(tiny_model_dir):
     from dpo_core.data import TokenizeSettings
     from dpo_core.kto_data import KTOTokenize
@@ -226,3 +248,4 @@ def test_kto_learns_the_demo_preference_and_the_cache_equals_the_online_referenc
     for key in ("train/loss", "train/kl", "eval/accuracy/desirable"):
         for step, value in online[key].items():
             assert cached[key][step] == pytest.approx(value, abs=1e-5), (key, step)
+
