@@ -33,11 +33,14 @@ from .records import (  # noqa: F401  (re-exported: the data layer's one import 
     check_problems,
     dataset_fingerprint,
     load_splits,
+    loaded,
     problem_counts,
     tokenizer_fingerprint,
 )
 
 logger = logging.getLogger(__name__)
+
+ENCODE_BATCH = 128  # records per batched tokenizer call
 
 
 
@@ -212,19 +215,25 @@ def _tokenize_pairs(datas: list[dict], tokenizer) -> list[tuple | tuple[str, str
         else:
             batch.append((i, conversational, texts))
     for kind in (False, True):
-        members = [(i, texts) for i, conversational, texts in batch if conversational == kind]
-        if not members:
-            continue
-        try:
-            prompts = _encode_batch(tokenizer, kind, [t[0] for _, t in members], {}, prompts=True)
-            full = _encode_batch(tokenizer, kind, [x for _, t in members for x in t[1:]], {}, prompts=False)
-        except Exception:
-            for i, _ in members:
-                results[i] = _guarded(datas[i], tokenizer)
-            continue
-        for k, (i, _) in enumerate(members):
-            results[i] = _finish_pair(prompts[k], full[2 * k], full[2 * k + 1], kind, tokenizer.eos_token_id)
+        everyone = [(i, texts) for i, conversational, texts in batch if conversational == kind]
+        # A tokenizer's encodings hold ~100 bytes per token besides the ids: encoded a slice at a time.
+        for start in range(0, len(everyone), ENCODE_BATCH):
+            _encode_members(everyone[start:start + ENCODE_BATCH], kind, datas, tokenizer, results)
     return results
+
+
+def _encode_members(members: list[tuple[int, tuple]], kind: bool, datas: list[dict], tokenizer, results: list):
+    """Fills `results` for `members` `(index, (prompt, prompt+chosen, prompt+rejected))` of one kind in two batched
+    calls; a failing batch is redone record by record, so that the failure names its record."""
+    try:
+        prompts = _encode_batch(tokenizer, kind, [t[0] for _, t in members], {}, prompts=True)
+        full = _encode_batch(tokenizer, kind, [x for _, t in members for x in t[1:]], {}, prompts=False)
+    except Exception:
+        for i, _ in members:
+            results[i] = _guarded(datas[i], tokenizer)
+        return
+    for k, (i, _) in enumerate(members):
+        results[i] = _finish_pair(prompts[k], full[2 * k], full[2 * k + 1], kind, tokenizer.eos_token_id)
 
 
 def _guarded(data: dict, tokenizer):
@@ -301,6 +310,7 @@ def tokenize_records(records: list[Record], tokenizer, settings: TokenizeSetting
     Returns:
         (examples of the valid records in input order, problems of the others: one or more per bad record).
     """
+    records = loaded(records)  # each JSON line parsed once, here (in the worker that tokenizes it)
     usable = [r for r in records if r.data is not None and "chosen" in r.data]
     if getattr(tokenizer, "chat_template", None) is None and any(isinstance(r.data["chosen"], list) for r in usable):
         raise ConfigError("the data is conversational (message lists) but the tokenizer has no chat_template; "

@@ -19,7 +19,7 @@ id + 1` for an undesirable one (`kto_labels`), so the label travels with the id.
 
 from __future__ import annotations
 
-from .data import Example, Problem, Record, _validate, tokenize_records, truncate_pair
+from .data import Example, Problem, Record, _validate, loaded, tokenize_records, truncate_pair
 
 TRL_UNPAIR_BLOCK = 1000  # `unpair_preference_dataset` maps in batches of 1000 records
 
@@ -67,6 +67,7 @@ class KTOTokenize:
         self.__qualname__ = f"KTOTokenize(kl_block={kl_block})"
 
     def __call__(self, records: list[Record], tokenizer, settings) -> tuple[list[Example], list[Problem]]:
+        records = loaded(records)
         paired = [r for r in records if r.data is not None and "chosen" in r.data and "rejected" in r.data]
         if paired and len(paired) != sum(r.data is not None for r in records):
             first = next(r for r in records if r.data is not None and not ("chosen" in r.data and "rejected" in r.data))

@@ -18,6 +18,7 @@ never used. The folder is safe to delete at any time.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import json
 import logging
@@ -182,12 +183,16 @@ def tokenize_parallel(records: list[Record], tokenizer, settings, tokenize, *, n
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are the parallelism
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        with multiprocessing.get_context(method).Pool(min(num_proc, len(chunks)), _init_worker,
-                                                      (tokenizer, settings, tokenize)) as pool:
-            for part, found, n in pool.imap(_tokenize_chunk, chunks):
-                sink(part) if sink else parts.append(part)
-                problems += found
-                bar.update(n)
+        gc.freeze()  # forked workers share the parent's objects; a collection there would copy their pages
+        try:
+            with multiprocessing.get_context(method).Pool(min(num_proc, len(chunks)), _init_worker,
+                                                          (tokenizer, settings, tokenize)) as pool:
+                for part, found, n in pool.imap(_tokenize_chunk, chunks):
+                    sink(part) if sink else parts.append(part)
+                    problems += found
+                    bar.update(n)
+        finally:
+            gc.unfreeze()
     bar.close()
     return (None if sink else ExampleArrays.concatenate(parts)), problems
 

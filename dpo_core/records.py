@@ -36,6 +36,67 @@ class Record:
     error: str | None = None
 
 
+    def with_id(self, new_id: int) -> Record:
+        return Record(new_id, self.source, self.location, self.data, self.error)
+
+    def loaded(self) -> Record:
+        return self
+
+    def digest_bytes(self) -> bytes:
+        """What the data fingerprint hashes: the id and the canonical JSON of the row."""
+        return json.dumps([self.id, self.data], sort_keys=True, ensure_ascii=False, separators=(",", ":"),
+                          default=str).encode("utf-8") + b"\n"
+
+
+class LineRecord:
+    """One line of a JSON-lines file, parsed when read (`data`, `error`) from the file's bytes: what a large
+    file costs in memory is a few integers per line, and what worker processes receive is its byte range, not
+    its content. `loaded()` parses it once into a `Record`."""
+
+    __slots__ = ("id", "source", "lineno", "start", "end")
+
+    def __init__(self, id: int, source: str, lineno: int, start: int, end: int):
+        self.id, self.source, self.lineno, self.start, self.end = id, source, lineno, start, end
+
+    @property
+    def location(self) -> str:
+        return f"line {self.lineno}"
+
+    def raw(self) -> bytes:
+        return _read_range(self.source, self.start, self.end)
+
+    def loaded(self) -> Record:
+        data, error = _parse_line(self.raw())
+        return Record(self.id, self.source, self.location, data, error)
+
+    @property
+    def data(self) -> dict | None:
+        return _parse_line(self.raw())[0]
+
+    @property
+    def error(self) -> str | None:
+        return _parse_line(self.raw())[1]
+
+    def with_id(self, new_id: int) -> LineRecord:
+        return LineRecord(new_id, self.source, self.lineno, self.start, self.end)
+
+    def digest_bytes(self) -> bytes:
+        """The id and the line's bytes (a changed byte is another fingerprint)."""
+        return f"{self.id}:".encode() + self.raw() + b"\n"
+
+    def __eq__(self, other) -> bool:
+        return (isinstance(other, LineRecord) and (self.id, self.source, self.start, self.end)
+                == (other.id, other.source, other.start, other.end))
+
+    def __repr__(self) -> str:
+        return f"LineRecord(id={self.id}, {self.source}, {self.location})"
+
+
+def loaded(records: list) -> list[Record]:
+    """The records parsed (`LineRecord.loaded`), e.g. a worker's chunk before validation and tokenization."""
+    return [r.loaded() for r in records]
+
+
 @dataclass
 class Problem:
     """One reason a record cannot be used."""
@@ -73,23 +134,43 @@ class DataValidationError(DataError):
 
 # ----------------------------------------------------------------------------------------------- loading
 
-def _read_jsonl(path: Path, start_id: int = 0) -> list[Record]:
-    # Parsed line by line (not with `datasets`) so that a malformed line is reported with its number.
-    records = []
+_FILES: dict[str, int] = {}  # path -> an open file descriptor (per process; inherited by forked workers)
+
+
+def _read_range(path: str, start: int, end: int) -> bytes:
+    fd = _FILES.get(path)
+    if fd is None:
+        fd = _FILES[path] = os.open(path, os.O_RDONLY)
+    return os.pread(fd, end - start, start)
+
+
+def _parse_line(raw: bytes) -> tuple[dict | None, str | None]:
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        return None, f"not valid UTF-8 ({e.reason} at byte {e.start})"
+    except json.JSONDecodeError as e:
+        return None, f"malformed JSON: {e.msg} (column {e.colno})"
+    if not isinstance(data, dict):
+        return None, f"record is not a JSON object (got {type(data).__name__})"
+    return data, None
+
+
+def _read_jsonl(path: Path, start_id: int = 0) -> list[LineRecord]:
+    """One `LineRecord` (line number and byte range) per non-blank line, the file read once line by line; each
+    line is parsed later, by the process that tokenizes it (not with `datasets`, so that a malformed line is
+    reported with its number)."""
+    source = str(path)
+    old = _FILES.pop(source, None)  # a file read again is opened again (it may have been replaced)
+    if old is not None:
+        os.close(old)
+    records, offset = [], 0
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            data, error = None, None
-            try:
-                data = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                error = f"not valid UTF-8 ({e.reason} at byte {e.start})"
-            except json.JSONDecodeError as e:
-                error = f"malformed JSON: {e.msg} (column {e.colno})"
-            if error is None and not isinstance(data, dict):
-                data, error = None, f"record is not a JSON object (got {type(data).__name__})"
-            records.append(Record(start_id + len(records), str(path), f"line {lineno}", data, error))
+            if not raw.isspace():
+                end = offset + len(raw) - (1 if raw.endswith(b"\n") else 0)
+                records.append(LineRecord(start_id + len(records), source, lineno, offset, end))
+            offset += len(raw)
     return records
 
 
@@ -250,7 +331,7 @@ def _select(records: list[Record], source: Source, index: int, seed: int, spec: 
 
 def _renumbered(records: list[Record]) -> list[Record]:
     """Ids unique across the mixture (each record keeps its source and location for messages)."""
-    return [Record(i, r.source, r.location, r.data, r.error) for i, r in enumerate(records)]
+    return [r.with_id(i) for i, r in enumerate(records)]
 
 
 def _load_mixture(sources: list[Source], dataset_name: str, split: str, eval_split: str | None,
@@ -374,11 +455,11 @@ def check_problems(problems: list[Problem], *, on_invalid: str = "error",
 # ---------------------------------------------------------------------------------------- fingerprints
 
 def dataset_fingerprint(records: list[Record]) -> str:
-    """sha256 over the canonical JSON of every record's (id, data), in order."""
+    """sha256 over every record's id and content, in order: a JSON-lines record's bytes, another record's canonical
+    JSON."""
     h = hashlib.sha256()
     for r in records:
-        h.update(json.dumps([r.id, r.data], sort_keys=True, ensure_ascii=False, separators=(",", ":"),
-                            default=str).encode("utf-8") + b"\n")
+        h.update(r.digest_bytes())
     return h.hexdigest()
 
 

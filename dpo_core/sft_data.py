@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .data import Example, Problem, Record, _check_value, _validate, tokenize_records
+from .data import Example, Problem, Record, _check_value, _validate, loaded, tokenize_records
 
 _SINGLE_KEYS = ("tools", "chat_template_kwargs")
 
@@ -68,7 +68,7 @@ def tokenize_sft_records(records: list[Record], tokenizer, settings) -> tuple[li
         `chosen_ids` its completion; problems of the other records, naming their own fields).
     """
     pairs, singles, problems, renames = [], [], [], {}
-    for record in records:
+    for record in loaded(records):
         if record.data is None or ("chosen" in record.data and "rejected" in record.data):
             pairs.append(record)  # preference records (and unparsable rows, reported there)
             continue

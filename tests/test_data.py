@@ -242,6 +242,26 @@ def test_hostile_jsonl(tok, tmp_path, caplog):
     assert f"Skipped {len(expected)} invalid record(s)" in caplog.text and "invalid_records.jsonl" in caplog.text
 
 
+def test_jsonl_lines_are_byte_ranges_parsed_when_read(tmp_path):
+    """A JSON-lines record is its line number and byte range: CRLF endings, blank lines, a last line without a
+    newline and bad UTF-8 keep their line numbers; parsing gives `json.loads` of the line; a record pickles to its
+    range (what a worker process receives), not its content."""
+    import pickle
+
+    rows = [GOOD_1, {**GOOD_1, "chosen": " " + "é" * 5000}, GOOD_2]
+    raw = (json.dumps(rows[0]).encode() + b"\r\n\r\n" + json.dumps(rows[1], ensure_ascii=False).encode() + b"\n \t\n"
+           + b'{"prompt": "\xff"}\n' + json.dumps(rows[2]).encode())
+    path = tmp_path / "lines.jsonl"
+    path.write_bytes(raw)
+    records = D.load_splits(str(path))["train"]
+    assert [(r.id, r.location) for r in records] == [(0, "line 1"), (1, "line 3"), (2, "line 5"), (3, "line 6")]
+    assert [r.data for r in records[:2]] + [records[3].data] == rows
+    assert records[2].data is None and records[2].error.startswith("not valid UTF-8")
+    assert D.loaded(records)[1] == D.Record(1, str(path), "line 3", rows[1], None)
+    assert len(pickle.dumps(records[1])) < 200 < len(json.dumps(rows[1]))
+    assert pickle.loads(pickle.dumps(records[1])).data == rows[1]
+
+
 def test_hostile_json_array(tok, tmp_path):
     path = tmp_path / "hostile.json"
     path.write_text(json.dumps([GOOD_1] + [row for row, _ in BAD] + ["not an object", GOOD_2], indent=2))

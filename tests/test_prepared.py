@@ -1,7 +1,6 @@
 """Tokenize once: the prepared-data store gives what `tokenize_records` gives, is reused when nothing changed,
 is rebuilt when a byte, the tokenizer or a setting changed, and never uses a corrupt or half-written entry."""
 
-import copy
 import json
 import logging
 
@@ -25,7 +24,7 @@ def tok(tiny_model_dir):
 
 def _records():
     """The demo pairs, two of them broken (a missing field, an empty completion): problems must survive reuse."""
-    records = copy.deepcopy(DEMO[:300])
+    records = D.loaded(DEMO[:300])  # parsed: their data can be edited
     del records[5].data["rejected"]
     records[17].data["chosen"] = ""
     return records
