@@ -102,6 +102,8 @@ def _extract_prompt(chosen, rejected):
 # -------------------------------------------------------------------------------- tokenize + truncate
 
 def _common_prefix_length(ids: list[int], other: list[int]) -> int:
+    if other[:len(ids)] == ids:  # the usual case, compared in C
+        return len(ids)
     n = 0
     for a, b in zip(ids, other):
         if a != b:
@@ -176,7 +178,7 @@ def _encode_batch(tokenizer, conversational: bool, texts: list, kwargs: dict, pr
         rows = tokenizer(text=texts)["input_ids"] if backend is None else \
             [e.ids for e in backend.encode_batch(texts, add_special_tokens=True)]
     bos = tokenizer.bos_token_id
-    return [_drop_double_bos(list(ids), bos) for ids in rows]
+    return [_drop_double_bos(ids if isinstance(ids, list) else list(ids), bos) for ids in rows]
 
 
 def _finish_pair(p: list[int], pc: list[int], pr: list[int], conversational: bool, eos_id: int | None):
@@ -232,8 +234,9 @@ def _encode_members(members: list[tuple[int, tuple]], kind: bool, datas: list[di
         for i, _ in members:
             results[i] = _guarded(datas[i], tokenizer)
         return
+    eos_id = tokenizer.eos_token_id
     for k, (i, _) in enumerate(members):
-        results[i] = _finish_pair(prompts[k], full[2 * k], full[2 * k + 1], kind, tokenizer.eos_token_id)
+        results[i] = _finish_pair(prompts[k], full[2 * k], full[2 * k + 1], kind, eos_id)
 
 
 def _guarded(data: dict, tokenizer):
