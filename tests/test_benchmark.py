@@ -109,3 +109,24 @@ def test_data_scale_benchmark_tokenizes_as_trl_does(tiny_model_dir, tmp_path):
     assert not (tmp_path / "store").exists()
     lines = (tmp_path / "pairs-300-seed0.jsonl").read_text().splitlines()
     assert len(lines) == 300 and all(json.loads(line)["prompt"].endswith("?") for line in lines)
+
+
+@pytest.mark.slow
+def test_memory_breakdown_reports_every_phase_and_the_models_fixed_sizes(tmp_path):
+    """benchmarks/memory_breakdown.py on a tiny shape: every phase of two steps in order, peaks never decreasing,
+    and the fixed sizes (weights, gradients, AdamW states) computed from the model's own parameter count."""
+    from transformers import AutoModelForCausalLM
+
+    run_script("benchmarks/memory_breakdown.py", ["--preset", "none", "--vocab_size", "1024", "--hidden_size", "64",
+                                                  "--intermediate_size", "128", "--num_layers", "2",
+                                                  "--batch_size", "2", "--output_dir", str(tmp_path)])
+    report = json.loads((tmp_path / "memory.json").read_text())
+    phases = [row["phase"] for row in report["phases"]]
+    assert phases == ["imports", "setup"] + [f"step {s} {p}" for s in (1, 2) for p in ("forward", "backward",
+                                                                                        "optimizer")]
+    peaks = [row["peak_mb"] for row in report["phases"]]
+    assert peaks == sorted(peaks) and all(row["rss_mb"] <= row["peak_mb"] + 1 for row in report["phases"])
+    n = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tmp_path / "model").parameters())
+    assert report["parameters"] == n
+    assert report["fixed_mb"]["AdamW states"] == pytest.approx(8 * n / 2**20)
+    assert report["fixed_mb"]["gradients"] == pytest.approx(4 * n / 2**20)
