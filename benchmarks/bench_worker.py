@@ -47,13 +47,11 @@ def run_ours(spec: dict) -> dict:
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 
-    from dpo_core.cli import return_freed_memory
     from dpo_core.config import DataArguments, DPOArguments, ModelArguments, TrainArguments
     from dpo_core.distributed import make_accelerator
     from dpo_core.dpo import setup_dpo
     from dpo_core.training import train_loop
 
-    return_freed_memory()  # as scripts/dpo.py does (run_cli)
     steps = spec["warmup_steps"] + spec["steps"]
     accelerator = make_accelerator(mixed_precision="bf16" if spec["bf16"] else "no")
     set_seed(spec["seed"])

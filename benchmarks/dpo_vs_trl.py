@@ -33,9 +33,7 @@ synthetic word to one id; every worker hashes the ids it trains on and the paren
 same batches in the same order (no shuffling on either side), float32 or bf16 autocast on both, AdamW with
 the same hyper-parameters (`adamw_torch`, not TRL's fused default), constant learning rate, clipping at 1,
 dropout off, no gradient checkpointing (TRL's default is on), no evaluation, no logging, no saving,
-dataloader workers 0, `padding_free=False`. Ours hands freed tensors back to the system as the scripts do
-(`dpo_core.cli.return_freed_memory`); TRL runs with glibc's default (`MALLOC_MMAP_THRESHOLD_=131072` in the
-environment gives it the same). Timing covers the optimizer steps after `--warmup_steps` (each
+dataloader workers 0, `padding_free=False`. Timing covers the optimizer steps after `--warmup_steps` (each
 side's own step loop, data loading included); setup, model loading, tokenization and precompute are
 excluded. Peak memory is the process's peak RSS (`ru_maxrss`) on CPU, `torch.cuda.max_memory_allocated` on
 GPU. MFU = model FLOPs of the timed steps (`dpo_core.throughput`) / time / peak, with the peak measured
