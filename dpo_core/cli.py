@@ -18,7 +18,6 @@ def run_cli(main, argv=None) -> None:
     committing its checkpoint exits with `PREEMPTED_EXIT_CODE`.
     """
     configure_logging()
-    return_freed_memory()
     try:
         main(argv)
     except UserError as error:
@@ -30,26 +29,6 @@ def run_cli(main, argv=None) -> None:
         if os.environ.get("RANK", "0") == "0":  # once per run, not once per process
             print(str(stopped), flush=True)
         sys.exit(PREEMPTED_EXIT_CODE)
-
-
-MMAP_THRESHOLD = 128 * 1024  # bytes: glibc's static default, before its dynamic raise
-
-
-def return_freed_memory() -> bool:
-    """On Linux with glibc, blocks of 128 KiB and more (every tensor of note) are mapped on their own and handed
-    back to the system when freed (`mallopt(M_MMAP_THRESHOLD)`), instead of glibc raising the threshold after the
-    first large frees and keeping freed activations in its heap. At SmolLM2-135M's shape with gradient
-    checkpointing this lowers a DPO step's peak RSS from 5.5 to 4.0 GB, numbers unchanged (docs/benchmark.md).
-    Left alone where `MALLOC_MMAP_THRESHOLD_` is set (the user's choice) or glibc is absent. Returns whether set."""
-    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return False
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-3, MMAP_THRESHOLD))  # -3: M_MMAP_THRESHOLD (malloc.h)
-    except (OSError, AttributeError):  # not glibc (musl, ...)
-        return False
 
 
 def configure_logging() -> None:

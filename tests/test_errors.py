@@ -90,39 +90,3 @@ def test_bad_flags_are_one_line_errors_naming_the_flag(tmp_path, capsys):
     assert code == 1 and err.strip().splitlines()[-1].startswith(f"error: {bad_yaml}: not valid YAML")
     code, _, err = run_main("dpo.py", ["--config", str(tmp_path / "missing.yaml")], capsys)
     assert code == 1 and "no such file" in err.strip().splitlines()[-1]
-
-
-FREED_MEMORY_PROBE = textwrap.dedent("""
-    import sys, torch
-    from dpo_core.cli import return_freed_memory
-    returned = return_freed_memory() if sys.argv[1] == "ours" else False
-    def rss():
-        return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) // 1024
-    big = torch.empty(16 << 20, dtype=torch.uint8).fill_(1)
-    del big  # a large free: glibc raises its mmap threshold
-    base = rss()
-    # activations interleaved with tensors that stay (optimizer states, say): the heap cannot shrink past them
-    pairs = [(torch.empty(4 << 20, dtype=torch.uint8).fill_(1), torch.empty(256 << 10, dtype=torch.uint8).fill_(1))
-             for _ in range(100)]
-    kept = [k for _, k in pairs]
-    del pairs
-    print(returned, rss() - base)
-""")
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
-def test_the_scripts_hand_freed_tensors_back_to_the_system():
-    """400 MB of 4 MB tensors, interleaved with 25 MB of tensors that stay, are freed: glibc alone keeps them in
-    its heap (its mmap threshold rose after a larger free, and the heap cannot shrink past the tensors that stay);
-    with `return_freed_memory` (every script, through run_cli) they go back to the system. A user's
-    `MALLOC_MMAP_THRESHOLD_` is left as it is."""
-    def probe(which, **env):
-        out = subprocess.run([sys.executable, "-c", FREED_MEMORY_PROBE, which], capture_output=True, text=True,
-                             check=True, env={**subprocess_env(), **env}).stdout.split()
-        return out[0] == "True", int(out[1])
-
-    returned, kept = probe("ours")
-    default, kept_default = probe("glibc")
-    assert returned and not default
-    assert kept < 60 and kept_default > 300
-    assert probe("ours", MALLOC_MMAP_THRESHOLD_="1048576")[0] is False
