@@ -14,6 +14,10 @@ process's resident memory (RSS now) and its peak so far (`ru_maxrss`); the table
 - optimizer: AdamW's two states per weight, made at the first step;
 - step 2: what a second step adds at most (allocator reuse).
 
+`--timed_steps N` times N more steps. glibc keeps freed blocks in its heap once its mmap threshold has risen (after
+the first large frees): run with `MALLOC_MMAP_THRESHOLD_=131072` in the environment to see what that costs in
+memory (less) and in time (more: every large tensor is then mapped fresh).
+
 Alongside, the sizes computed from the model (weights, gradients, Adam states) show how much of the peak is
 fixed by the model and how much is activations and allocator.
 """
@@ -22,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import time
 from pathlib import Path
 
 
@@ -57,6 +63,7 @@ def main(argv=None) -> None:
     parser.add_argument("--gradient_checkpointing", action="store_true")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--logps_chunk_size", type=int, default=1024)
+    parser.add_argument("--timed_steps", type=int, default=0, help="steps timed after the two measured ones")
     args = parser.parse_args(argv)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -78,6 +85,7 @@ def main(argv=None) -> None:
                     DataArguments(dataset_name=str(data_dir), max_length=bench.max_length, data_cache_dir="none"),
                     DPOArguments(), train_args, report_path=None, shuffle=False)
     phases["setup"] = _rss_mb()
+    run.model.train()  # as train_loop does (gradient checkpointing acts in training mode only)
     batches = iter(run.train_loader)
     for step in (1, 2):
         batch = next(batches)
@@ -90,6 +98,20 @@ def main(argv=None) -> None:
         run.optimizer.zero_grad(set_to_none=True)
         phases[f"step {step} optimizer"] = _rss_mb()
 
+    seconds = []
+    for _ in range(args.timed_steps):  # the same kind of step again, timed (the batches repeat)
+        batch = next(batches, None)
+        if batch is None:
+            batches = iter(run.train_loader)
+            batch = next(batches)
+        start = time.perf_counter()
+        loss, _ = run.step_fn(run.model, batch)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(run.model.parameters(), 1.0)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        seconds.append(time.perf_counter() - start)
+
     n_params = sum(p.numel() for p in accelerator.unwrap_model(run.model).parameters())
     tokens = int(batch["num_tokens"])
     fixed = {"weights (policy)": 4 * n_params, "weights (reference)": 4 * n_params, "gradients": 4 * n_params,
@@ -98,12 +120,16 @@ def main(argv=None) -> None:
     for name, (now, peak) in phases.items():
         rows.append({"phase": name, "rss_mb": now, "peak_mb": peak, "peak_added_mb": peak - last_peak})
         last_peak = peak
-    result = {"preset": args.preset, "forward_mode": run.forward_mode, "gradient_checkpointing": args.gradient_checkpointing,
+    malloc = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    result = {"preset": args.preset, "malloc_mmap_threshold": malloc,
+              "median_step_seconds": sorted(seconds)[len(seconds) // 2] if seconds else None, "forward_mode": run.forward_mode, "gradient_checkpointing": args.gradient_checkpointing,
               "batch_size": args.batch_size, "tokens_last_batch": tokens, "parameters": n_params,
               "fixed_mb": {k: v / 2**20 for k, v in fixed.items()}, "phases": rows}
     (output_dir / "memory.json").write_text(json.dumps(result, indent=1))
     print(f"{args.preset}, forward_mode {run.forward_mode}, gradient checkpointing {args.gradient_checkpointing}, "
-          f"batch {args.batch_size} ({tokens} tokens in the last batch), {n_params / 1e6:.1f}M parameters\n")
+          f"batch {args.batch_size} ({tokens} tokens in the last batch), {n_params / 1e6:.1f}M parameters, "
+          f"MALLOC_MMAP_THRESHOLD_ {malloc or 'unset (glibc default)'}"
+          + (f", median step {result['median_step_seconds']:.2f} s" if seconds else "") + "\n")
     print("| phase | RSS now (MB) | peak so far (MB) | peak added (MB) |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['phase']} | {r['rss_mb']:,.0f} | {r['peak_mb']:,.0f} | {r['peak_added_mb']:+,.0f} |")
