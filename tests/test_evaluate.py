@@ -91,6 +91,16 @@ def naive_logps(model, prompt, completion):
     return total, rows
 
 
+def naive_pair_logps(pol, ref, e):
+    """`naive_logps` of both models on an example's two completions: (pc, pr, rc, rr, pol_rows, ref_rows), the rows
+    of the chosen completion."""
+    pc, pol_rows = naive_logps(pol, e.prompt_ids, e.chosen_ids)
+    pr, _ = naive_logps(pol, e.prompt_ids, e.rejected_ids)
+    rc, ref_rows = naive_logps(ref, e.prompt_ids, e.chosen_ids)
+    rr, _ = naive_logps(ref, e.prompt_ids, e.rejected_ids)
+    return pc, pr, rc, rr, pol_rows, ref_rows
+
+
 @pytest.mark.slow
 def test_metrics_equal_a_naive_float64_recomputation(setup):
     tok = load_tokenizer(str(setup["ref"]))
@@ -101,10 +111,7 @@ def test_metrics_equal_a_naive_float64_recomputation(setup):
     margins, wins, ties, nll, n_tokens, kl = [], 0, 0, 0.0, 0, 0.0
     with torch.no_grad():
         for e in examples["eval"]:
-            pc, pol_rows = naive_logps(pol, e.prompt_ids, e.chosen_ids)
-            pr, _ = naive_logps(pol, e.prompt_ids, e.rejected_ids)
-            rc, ref_rows = naive_logps(ref, e.prompt_ids, e.chosen_ids)
-            rr, _ = naive_logps(ref, e.prompt_ids, e.rejected_ids)
+            pc, pr, rc, rr, pol_rows, ref_rows = naive_pair_logps(pol, ref, e)
             margin = BETA * ((pc - rc) - (pr - rr))
             tol = 1e-5 * BETA * (abs(pc) + abs(pr))
             wins += margin > tol
@@ -301,10 +308,7 @@ def test_unpaired_files_get_kto_metrics_recomputed_naively(setup, tmp_path):
     rows = []
     with torch.no_grad():
         for e in examples["eval"]:
-            lp, _ = naive_logps(pol, e.prompt_ids, e.chosen_ids)
-            lr, _ = naive_logps(ref, e.prompt_ids, e.chosen_ids)
-            kp, _ = naive_logps(pol, e.prompt_ids, e.rejected_ids)
-            kr, _ = naive_logps(ref, e.prompt_ids, e.rejected_ids)
+            lp, kp, lr, kr, _, _ = naive_pair_logps(pol, ref, e)  # the completion, and the KL completion
             rows.append((bool(kto_labels(e.id)), lp - lr, kp - kr, lp))
     point = max(0.0, sum(r[2] for r in rows) / len(rows))
     right = [(ratio > point) == desirable for desirable, ratio, _, _ in rows]
