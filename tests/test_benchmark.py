@@ -104,6 +104,8 @@ def test_data_scale_benchmark_tokenizes_as_trl_does(tiny_model_dir, tmp_path):
     results = report["results"]
     assert set(results) == {"ours_first", "ours_reuse", "trl"}
     assert all(r["pairs"] == 300 and r["seconds"] > 0 and r["peak_rss_mb"] > 50 for r in results.values())
+    # PSS counts a page shared by the worker processes once: never above the RSS sum, and the libraries are in it
+    assert all(30 < r["peak_pss_mb"] <= r["peak_rss_mb"] for r in results.values())
     digests = {results[name]["ids_sha256"] for name in ("ours_first", "ours_reuse", "trl")}
     assert len(digests) == 1 and None not in digests
     assert not (tmp_path / "store").exists()

@@ -125,26 +125,39 @@ def test_kto_examples_are_trls_tokens_labels_and_kl_completions(tiny_model_dir, 
            [(t["prompt_ids"], t["completion_ids"], t["KL_completion_ids"], t["label"]) for t in theirs]
 
 
-def test_the_prepared_store_tokenizes_a_large_kto_split_as_one_call(tiny_model_dir, tmp_path):
-    """Past the store's worker threshold (2048 records) a KTO split is still unpaired in TRL's blocks of 1000 and
-    its KL completions rotated over the whole split, not per worker chunk: equal to one direct call."""
+@pytest.mark.slow
+@pytest.mark.parametrize("paired", [True, False], ids=["paired", "unpaired"])
+def test_the_prepared_store_tokenizes_a_large_kto_split_in_workers_as_trl_does(tiny_model_dir, tmp_path, paired):
+    """Past the store's worker threshold (2048 records) a KTO split is tokenized in worker chunks of 1024 records,
+    yet unpaired in TRL's blocks of 1000 and its KL completions rotated over the whole split: every example equals
+    TRL 1.16's own preparation. A record of the other format in a later chunk is the split's one problem."""
     from helpers import DEMO_DATA
 
     from dpo_core.data import TokenizeSettings
-    from dpo_core.kto_data import KTOTokenize
+    from dpo_core.kto_data import KTOTokenize, kto_labels
     from dpo_core.modeling import load_tokenizer
-    from dpo_core.prepared import POOL_MIN_RECORDS, PreparedStore
+    from dpo_core.prepared import CHUNK, POOL_MIN_RECORDS, PreparedStore
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     demo = [json.loads(line) for line in (DEMO_DATA / "train.jsonl").read_text().splitlines()]
     rows = [demo[i % len(demo)] for i in range(POOL_MIN_RECORDS + 333)]
+    if not paired:
+        rows = [{"prompt": r["prompt"], "completion": r["chosen" if i % 3 else "rejected"], "label": bool(i % 3)}
+                for i, r in enumerate(rows)]
     settings = TokenizeSettings(max_length=None)
-    direct, _ = KTOTokenize(3)(_records(rows), tokenizer, settings)
     stored, problems = PreparedStore(tmp_path).tokenize(_records(rows), tokenizer, settings, KTOTokenize(3),
                                                         num_proc=2, progress=False)
-    assert problems == [] and len(stored) == len(direct) == 2 * len(rows)
-    assert [(e.id, e.prompt_ids, e.chosen_ids, e.rejected_ids) for e in direct] == \
-           [(int(e.id), list(e.prompt_ids), list(e.chosen_ids), list(e.rejected_ids)) for e in stored]
+    theirs = trl_kto_dataset(rows, tokenizer, 3)
+    assert problems == [] and len(stored) == len(theirs) == (2 if paired else 1) * len(rows)
+    assert [(list(e.prompt_ids), list(e.chosen_ids), list(e.rejected_ids), bool(kto_labels(e.id))) for e in stored] \
+        == [(t["prompt_ids"], t["completion_ids"], t["KL_completion_ids"], t["label"]) for t in theirs]
+
+    other = {"prompt": "Hi", "completion": "Hello.", "label": True} if paired else demo[0]
+    mixed = rows[:2 * CHUNK + 5] + [other] + rows[2 * CHUNK + 5:]  # in the third worker chunk
+    stored, problems = PreparedStore(tmp_path).tokenize(_records(mixed), tokenizer, settings, KTOTokenize(3),
+                                                        num_proc=2, progress=False)
+    assert len(stored) == 0 and [(p.location, p.field) for p in problems] == [(f"line {2 * CHUNK + 6}", "completion")]
+    assert "mixes paired" in problems[0].reason
 
 
 def test_bad_unpaired_records_name_their_line_and_field(tiny_model_dir):
