@@ -48,11 +48,15 @@ def is_unpaired(records: list[Record]) -> bool:
     """Whether a split holds unpaired records (`completion`/`label`, no `chosen`), judged by its first valid
     record (`KTOTokenize` refuses a split that mixes the formats)."""
     first = next((r.data for r in records if r.data is not None), None)
-    return first is not None and "chosen" not in first and ("completion" in first or "label" in first)
+    return first is not None and not is_paired_record(first) and ("completion" in first or "label" in first)
 
 
 def is_paired_record(data: dict) -> bool:
     return "chosen" in data or "rejected" in data
+
+
+MIXED = ("this file mixes paired (chosen/rejected) and unpaired (completion/label) records; use one format per "
+         "split")
 
 
 class KTOTokenize:
@@ -90,8 +94,8 @@ class KTOTokenize:
             return [], [mixed]
         if self.for_split(records) is _tokenize_unpaired:
             return self._with_kl(examples, settings), problems
-        pairs = {int(i): k for k, i in enumerate(examples.ids)} if hasattr(examples, "ids") else \
-            {e.id: k for k, e in enumerate(examples)}
+        ids = examples.ids if hasattr(examples, "ids") else [e.id for e in examples]  # ExampleArrays or a list
+        pairs = {int(i): k for k, i in enumerate(ids)}
         unpaired = []
         for start in range(0, len(records), TRL_UNPAIR_BLOCK):  # TRL's order: a block's chosen, then its rejected
             block = [examples[pairs[r.id]] for r in records[start:start + TRL_UNPAIR_BLOCK] if r.id in pairs]
@@ -107,10 +111,6 @@ class KTOTokenize:
                 kl = block[j - 1].chosen_ids  # j = 0: the block's last completion
                 out.append(Example(e.id, *truncate_pair(e.prompt_ids, e.chosen_ids, kl, settings)))
         return out
-
-
-MIXED = ("this file mixes paired (chosen/rejected) and unpaired (completion/label) records; use one format per "
-         "split")
 
 
 def _mixed(record: Record) -> Problem:
