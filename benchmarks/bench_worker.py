@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from bench_inputs import token_hash
 
+from dpo_core.allocator import active_allocator
+
 
 def _peak_memory_mb() -> dict[str, float]:
     out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # KiB on Linux
@@ -153,6 +155,7 @@ def run_worker(spec_path: str) -> None:
         torch.set_num_threads(spec["num_threads"])
     result = run_trl(spec) if spec["tool"] == "trl" else run_ours(spec)
     result["num_threads"] = torch.get_num_threads()
+    result["allocator"] = active_allocator()
     tmp = Path(spec["result"] + ".tmp")
     tmp.write_text(json.dumps(result))
     os.replace(tmp, spec["result"])

@@ -20,6 +20,9 @@ from reading the file to having the tokenized pairs (imports and tokenizer loadi
 - `trl`: `datasets.load_dataset("json")` into an empty HF cache + `DPOTrainer._prepare_dataset` with
   `dataset_num_proc=--num_proc`, `max_length=None` (TRL truncates in its collator).
 - `raw`: `tokenizer(texts)` in batches of 1,000 over prompt, chosen and rejected (Rust threads, all cores).
+- `raw_joined`: the same over the texts that exact preparation tokenizes (ours and TRL's alike): prompt,
+  prompt + chosen and prompt + rejected (tokens can merge across the boundary, so the joined text is tokenized and
+  the completion starts where it diverges from the prompt's tokens). The limit for identical token ids.
 Each worker hashes the token ids it produced; the run fails unless ours and TRL's are identical (no truncation).
 Writes <output_dir>/data_scale.json and prints a markdown table.
 """
@@ -37,7 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
-CONFIGS = ("ours_first", "ours_reuse", "trl", "raw")
+CONFIGS = ("ours_first", "ours_reuse", "trl", "raw", "raw_joined")
 
 
 def _words(rng: random.Random, n: int) -> list[str]:
@@ -113,9 +116,11 @@ def worker(config: str, data: Path, tokenizer_path: str, store: Path, num_proc: 
     else:
         start = time.perf_counter()
         rows = [json.loads(line) for line in open(data)]
-        for field in ("prompt", "chosen", "rejected"):
+        texts = ((lambda r: r["prompt"]), (lambda r: r["chosen"]), (lambda r: r["rejected"])) if config == "raw" \
+            else ((lambda r: r["prompt"]), (lambda r: r["prompt"] + r["chosen"]), (lambda r: r["prompt"] + r["rejected"]))
+        for text in texts:
             for i in range(0, len(rows), 1000):
-                tokenizer([r[field] for r in rows[i: i + 1000]])
+                tokenizer([text(r) for r in rows[i: i + 1000]])
         pairs, seconds, digest = rows, time.perf_counter() - start, None
         done.touch()
     return {"seconds": seconds, "pairs": len(pairs), "ids_sha256": digest}
@@ -218,6 +223,8 @@ def main(argv=None) -> None:
         ratios["first_vs_trl_peak_pss"] = first["peak_pss_mb"] / results["trl"]["peak_pss_mb"]
     if first and "raw" in results:
         ratios["first_vs_raw_pairs_per_s"] = results["raw"]["seconds"] / first["seconds"]
+    if first and "raw_joined" in results:
+        ratios["first_vs_raw_joined_pairs_per_s"] = results["raw_joined"]["seconds"] / first["seconds"]
     if first and "ours_reuse" in results:
         ratios["reuse_time_share"] = results["ours_reuse"]["seconds"] / first["seconds"]
     digests = {name: r["ids_sha256"] for name, r in results.items() if r.get("ids_sha256")}

@@ -37,7 +37,10 @@ dataloader workers 0, `padding_free=False`. Timing covers the optimizer steps af
 side's own step loop, data loading included); setup, model loading, tokenization and precompute are
 excluded. Peak memory is the process's peak RSS (`ru_maxrss`) on CPU, `torch.cuda.max_memory_allocated` on
 GPU. MFU = model FLOPs of the timed steps (`dpo_core.throughput`) / time / peak, with the peak measured
-once in the parent (a float32 matmul on CPU) or the GPU's bf16 dense peak.
+once in the parent (a float32 matmul on CPU) or the GPU's bf16 dense peak. Allocator: ours runs as the scripts
+run (tcmalloc or jemalloc preloaded where installed, `dpo_core/allocator.py`; `DPO_CORE_ALLOCATOR=glibc` for
+glibc's), TRL as this process was started (glibc's malloc unless LD_PRELOAD names another: start the benchmark
+with LD_PRELOAD set to give TRL the same one); the table names the allocator where it is not glibc's.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ from pathlib import Path
 import torch
 from bench_inputs import build_model_and_tokenizer, synthetic_pairs, token_hash, write_dataset
 
+from dpo_core.allocator import allocator_environment
 from dpo_core.cli import run_cli
 from dpo_core.config import BenchmarkArguments, parse_config
 from dpo_core.errors import ConfigError
@@ -151,7 +155,8 @@ def summarize(name: str, runs: list[dict], args: BenchmarkArguments, flops: list
                         "tokens_per_second": sum(r["step_tokens"][w:]) / seconds,
                         "mfu": sum(flops[w:]) / seconds / peak, "peak_rss_mb": r["peak_rss_mb"],
                         "peak_gpu_mb": r.get("peak_gpu_mb")})
-    out = {"config": name, "runs": per_run, "forward_mode": runs[0].get("forward_mode") if runs else None}
+    out = {"config": name, "runs": per_run, "forward_mode": runs[0].get("forward_mode") if runs else None,
+           "allocator": runs[0].get("allocator") if runs else None}
     for key in ("seconds", "pairs_per_second", "tokens_per_second", "mfu", "peak_rss_mb", "peak_gpu_mb"):
         values = [p[key] for p in per_run if p[key] is not None]
         out[key] = statistics.median(values) if values else None
@@ -226,7 +231,10 @@ def run_benchmark(args: BenchmarkArguments, scripts_dir: Path = SCRIPTS) -> dict
             (run_dir / "spec.json").write_text(json.dumps(spec))
             cmd = [sys.executable, str(HERE / "bench_worker.py"),
                    str(run_dir / "spec.json")]
-            wall, rss = _run(cmd, run_dir / "log.txt", env)
+            # ours runs with the allocator the scripts choose (dpo_core/allocator.py: tcmalloc or jemalloc where
+            # installed, unless DPO_CORE_ALLOCATOR says otherwise); TRL with the process as this one was started.
+            worker_env = {**env, **allocator_environment(environ=env)} if spec["tool"] == "ours" else env
+            wall, rss = _run(cmd, run_dir / "log.txt", worker_env)
             result = json.loads((run_dir / "result.json").read_text())
             result.update(wall_seconds=wall, peak_rss_mb=rss)  # the whole process's peak, from wait4
             runs[name].append(result)
@@ -309,7 +317,9 @@ def markdown(report: dict) -> str:
         pre = f"{s['precompute_seconds']:.1f}" if s["precompute_seconds"] else "-"
         if s["config"].startswith("ours_cache") and report["cache_build"]:
             pre = f"{report['cache_build']['precompute_seconds']:.1f} (own process)"
-        name = s["config"] + (f" ({s['forward_mode']})" if "auto" in s["config"] and s.get("forward_mode") else "")
+        notes = [s["forward_mode"]] if "auto" in s["config"] and s.get("forward_mode") else []
+        notes += [s["allocator"]] if s.get("allocator") not in (None, "glibc") else []
+        name = s["config"] + (f" ({', '.join(notes)})" if notes else "")
         lines.append(f"| {name} | {s['pairs_per_second']:.2f} | {s['tokens_per_second']:.0f} | "
                      f"{s['peak_rss_mb']:.0f} | {gpu} | {100 * s['mfu']:.1f}% | {pre} |")
     lines += ["", "| ratio | value |", "|---|---|"]

@@ -14,9 +14,10 @@ process's resident memory (RSS now) and its peak so far (`ru_maxrss`); the table
 - optimizer: AdamW's two states per weight, made at the first step;
 - step 2: what a second step adds at most (allocator reuse).
 
-`--timed_steps N` times N more steps. glibc keeps freed blocks in its heap once its mmap threshold has risen (after
-the first large frees): run with `MALLOC_MMAP_THRESHOLD_=131072` in the environment to see what that costs in
-memory (less) and in time (more: every large tensor is then mapped fresh).
+`--timed_steps N` times N more steps (their peak is the last row). The allocator is the scripts' (tcmalloc or jemalloc
+where installed, `dpo_core/allocator.py`): `DPO_CORE_ALLOCATOR=glibc` measures glibc's malloc, which keeps freed
+blocks in its heap once its mmap threshold has risen (after the first large frees); with
+`MALLOC_MMAP_THRESHOLD_=131072` it returns them, at a cost in time (every large tensor is then mapped fresh).
 
 Alongside, the sizes computed from the model (weights, gradients, Adam states) show how much of the peak is
 fixed by the model and how much is activations and allocator.
@@ -30,6 +31,8 @@ import os
 import resource
 import time
 from pathlib import Path
+
+from dpo_core.allocator import active_allocator, preload_allocator
 
 
 def _rss_mb() -> tuple[float, float]:
@@ -111,6 +114,8 @@ def main(argv=None) -> None:
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
         seconds.append(time.perf_counter() - start)
+    if seconds:
+        phases[f"{len(seconds)} timed steps"] = _rss_mb()
 
     n_params = sum(p.numel() for p in accelerator.unwrap_model(run.model).parameters())
     tokens = int(batch["num_tokens"])
@@ -121,14 +126,15 @@ def main(argv=None) -> None:
         rows.append({"phase": name, "rss_mb": now, "peak_mb": peak, "peak_added_mb": peak - last_peak})
         last_peak = peak
     malloc = os.environ.get("MALLOC_MMAP_THRESHOLD_")
-    result = {"preset": args.preset, "malloc_mmap_threshold": malloc,
+    allocator = active_allocator() + (f", MALLOC_MMAP_THRESHOLD_={malloc}" if malloc else "")
+    result = {"preset": args.preset, "allocator": allocator,
               "median_step_seconds": sorted(seconds)[len(seconds) // 2] if seconds else None, "forward_mode": run.forward_mode, "gradient_checkpointing": args.gradient_checkpointing,
               "batch_size": args.batch_size, "tokens_last_batch": tokens, "parameters": n_params,
               "fixed_mb": {k: v / 2**20 for k, v in fixed.items()}, "phases": rows}
     (output_dir / "memory.json").write_text(json.dumps(result, indent=1))
     print(f"{args.preset}, forward_mode {run.forward_mode}, gradient checkpointing {args.gradient_checkpointing}, "
           f"batch {args.batch_size} ({tokens} tokens in the last batch), {n_params / 1e6:.1f}M parameters, "
-          f"MALLOC_MMAP_THRESHOLD_ {malloc or 'unset (glibc default)'}"
+          f"allocator {allocator}"
           + (f", median step {result['median_step_seconds']:.2f} s" if seconds else "") + "\n")
     print("| phase | RSS now (MB) | peak so far (MB) | peak added (MB) |\n|---|---|---|---|")
     for r in rows:
@@ -137,4 +143,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    preload_allocator()  # as the scripts do
     main()

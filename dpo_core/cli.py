@@ -6,6 +6,8 @@ import logging
 import os
 import sys
 
+from .allocator import ENV as ALLOCATOR_ENV
+from .allocator import active_allocator
 from .errors import PREEMPTED_EXIT_CODE, TrainingPreempted, UserError
 
 
@@ -18,6 +20,10 @@ def run_cli(main, argv=None) -> None:
     committing its checkpoint exits with `PREEMPTED_EXIT_CODE`.
     """
     configure_logging()
+    allocator = active_allocator()
+    if os.environ.get("RANK", "0") == "0" and allocator != "unknown":
+        logging.getLogger("dpo_core").info("memory allocator: %s (%s=glibc|tcmalloc|jemalloc|auto, "
+                                           "docs/training.md)", allocator, ALLOCATOR_ENV)
     try:
         main(argv)
     except UserError as error:

@@ -33,6 +33,11 @@ For a KTO run (--loss_type kto or apo_zero_unpaired) give --kto_batch_size (its 
 the cache then holds each completion's and its KL completion's reference log-probs.
 """
 
+if __name__ == "__main__":  # first, before torch: tcmalloc or jemalloc where installed (dpo_core/allocator.py)
+    from dpo_core.allocator import preload_allocator
+
+    preload_allocator()
+
 from pathlib import Path
 
 from dpo_core import data as data_lib
