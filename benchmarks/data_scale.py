@@ -23,7 +23,9 @@ from reading the file to having the tokenized pairs (imports and tokenizer loadi
 - `raw_joined`: the same over the texts that exact preparation tokenizes (ours and TRL's alike): prompt,
   prompt + chosen and prompt + rejected (tokens can merge across the boundary, so the joined text is tokenized and
   the completion starts where it diverges from the prompt's tokens). The limit for identical token ids.
-Each worker hashes the token ids it produced; the run fails unless ours and TRL's are identical (no truncation).
+Ours runs with the allocator the scripts preload (tcmalloc or jemalloc where installed, `dpo_core/allocator.py`),
+the others as this process was started (start it with LD_PRELOAD set to give them the same). Each worker hashes the
+token ids it produced; the run fails unless ours and TRL's are identical (no truncation).
 Writes <output_dir>/data_scale.json and prints a markdown table.
 """
 
@@ -123,7 +125,9 @@ def worker(config: str, data: Path, tokenizer_path: str, store: Path, num_proc: 
                 tokenizer([text(r) for r in rows[i: i + 1000]])
         pairs, seconds, digest = rows, time.perf_counter() - start, None
         done.touch()
-    return {"seconds": seconds, "pairs": len(pairs), "ids_sha256": digest}
+    from dpo_core.allocator import active_allocator
+
+    return {"seconds": seconds, "pairs": len(pairs), "ids_sha256": digest, "allocator": active_allocator()}
 
 
 def ids_digest(triples) -> str:
@@ -150,6 +154,10 @@ def run_config(config: str, args, data: Path, tok: str, store: Path) -> dict:
     cmd = [sys.executable, __file__, "--worker", config, "--data", str(data), "--tokenizer", tok, "--store",
            str(store), "--num_proc", str(args.num_proc), "--max_length", str(args.max_length), "--result", str(out)]
     env = dict(os.environ, HF_DATASETS_CACHE=str(store / "hf"))
+    if config.startswith("ours"):  # as the scripts run (tcmalloc or jemalloc where installed); the others as started
+        from dpo_core.allocator import allocator_environment
+
+        env.update(allocator_environment(environ=env))
     done = out.with_suffix(".prepared")
     proc = subprocess.Popen(cmd, env=env)
     root, peak, peak_pss = psutil.Process(proc.pid), 0, 0
@@ -213,7 +221,8 @@ def main(argv=None) -> None:
 
     rows = ["| configuration | seconds | pairs/s | peak RSS (MB) | peak PSS (MB) |", "|---|---|---|---|---|"]
     for name, r in results.items():
-        rows.append(f"| {name} | {r['seconds']:.1f} | {r['pairs'] / r['seconds']:,.0f} | {r['peak_rss_mb']:,.0f} "
+        allocator = f" ({r['allocator']})" if r.get("allocator") not in (None, "glibc") else ""
+        rows.append(f"| {name}{allocator} | {r['seconds']:.1f} | {r['pairs'] / r['seconds']:,.0f} | {r['peak_rss_mb']:,.0f} "
                     f"| {r['peak_pss_mb']:,.0f} |")
     ratios = {}
     first = results.get("ours_first")

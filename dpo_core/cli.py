@@ -21,9 +21,9 @@ def run_cli(main, argv=None) -> None:
     """
     configure_logging()
     allocator = active_allocator()
-    if os.environ.get("RANK", "0") == "0" and allocator != "unknown":
-        logging.getLogger("dpo_core").info("memory allocator: %s (%s=glibc|tcmalloc|jemalloc|auto, "
-                                           "docs/training.md)", allocator, ALLOCATOR_ENV)
+    if os.environ.get("RANK", "0") == "0" and allocator in ("tcmalloc", "jemalloc"):  # glibc's: nothing to say
+        logging.getLogger("dpo_core").info("memory allocator: %s (%s=glibc keeps glibc's malloc, docs/training.md)",
+                                           allocator, ALLOCATOR_ENV)
     try:
         main(argv)
     except UserError as error:

@@ -91,8 +91,8 @@ def test_preload_re_executes_the_same_process_with_the_library(tmp_path):
 @pytest.mark.skipif(not ANY or sys.platform != "linux", reason=NONE_INSTALLED)
 def test_dpo_script_computes_the_same_under_each_allocator(tiny_model_dir, tmp_path):
     """scripts/dpo.py under the preloaded allocator and under glibc's: the same per-step losses and final
-    weights (exactly: the allocator moves where tensors live, not what is computed), and the log names the
-    allocator each run had."""
+    weights (exactly: the allocator moves where tensors live, not what is computed); the log names a preloaded
+    allocator and says nothing of glibc's."""
     data = small_dataset(tmp_path / "data", n_train=16, n_test=8)
     logs = {}
     for choice in ("auto", "glibc"):
@@ -103,7 +103,7 @@ def test_dpo_script_computes_the_same_under_each_allocator(tiny_model_dir, tmp_p
                           env=subprocess_env(DPO_CORE_ALLOCATOR=choice))
         logs[choice] = proc.stderr
     want = "tcmalloc" if INSTALLED["tcmalloc"] else "jemalloc"
-    assert f"memory allocator: {want}" in logs["auto"] and "memory allocator: glibc" in logs["glibc"]
+    assert f"memory allocator: {want}" in logs["auto"] and "memory allocator" not in logs["glibc"]
     auto, glibc = (read_scalars(tmp_path / c / "logs")["train/loss"] for c in ("auto", "glibc"))
     assert sorted(auto) == [1, 2, 3] and auto == glibc and len(set(auto.values())) > 1
     w_auto, w_glibc = load_weights(tmp_path / "auto"), load_weights(tmp_path / "glibc")

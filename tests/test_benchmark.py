@@ -6,8 +6,9 @@ import math
 
 import pytest
 from bench_inputs import synthetic_pairs, token_hash
-from helpers import run_script
+from helpers import run_script, subprocess_env
 
+from dpo_core.allocator import allocator_environment
 from dpo_core.config import BenchmarkArguments
 from dpo_core.errors import ConfigError
 
@@ -99,10 +100,15 @@ def test_data_scale_benchmark_tokenizes_as_trl_does(tiny_model_dir, tmp_path):
     pytest.importorskip("trl")
     run_script("benchmarks/data_scale.py", ["--num_pairs", "300", "--output_dir", str(tmp_path),
                                             "--tokenizer", str(tiny_model_dir), "--num_proc", "2",
-                                            "--configs", "ours_first", "ours_reuse", "trl"])
+                                            "--configs", "ours_first", "ours_reuse", "trl", "raw_joined"])
     report = json.loads((tmp_path / "data_scale.json").read_text())
     results = report["results"]
-    assert set(results) == {"ours_first", "ours_reuse", "trl"}
+    assert set(results) == {"ours_first", "ours_reuse", "trl", "raw_joined"}
+    assert results["raw_joined"]["ids_sha256"] is None and "first_vs_raw_joined_pairs_per_s" in report["ratios"]
+    # ours runs as the scripts do: with the allocator they preload where one is installed
+    chosen = allocator_environment(environ=subprocess_env()).get("DPO_CORE_ALLOCATOR_PRELOADED")
+    if chosen:
+        assert results["ours_first"]["allocator"] == chosen and results["trl"]["allocator"] == "glibc"
     assert all(r["pairs"] == 300 and r["seconds"] > 0 and r["peak_rss_mb"] > 50 for r in results.values())
     # PSS counts a page shared by the worker processes once: never above the RSS sum, and the libraries are in it
     assert all(30 < r["peak_pss_mb"] <= r["peak_rss_mb"] for r in results.values())
