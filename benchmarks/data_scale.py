@@ -118,11 +118,11 @@ def worker(config: str, data: Path, tokenizer_path: str, store: Path, num_proc: 
     else:
         start = time.perf_counter()
         rows = [json.loads(line) for line in open(data)]
-        texts = ((lambda r: r["prompt"]), (lambda r: r["chosen"]), (lambda r: r["rejected"])) if config == "raw" \
-            else ((lambda r: r["prompt"]), (lambda r: r["prompt"] + r["chosen"]), (lambda r: r["prompt"] + r["rejected"]))
-        for text in texts:
+        texts = (("prompt",), ("chosen",), ("rejected",)) if config == "raw" else \
+            (("prompt",), ("prompt", "chosen"), ("prompt", "rejected"))
+        for fields in texts:
             for i in range(0, len(rows), 1000):
-                tokenizer([text(r) for r in rows[i: i + 1000]])
+                tokenizer(["".join(r[f] for f in fields) for r in rows[i: i + 1000]])
         pairs, seconds, digest = rows, time.perf_counter() - start, None
         done.touch()
     from dpo_core.allocator import active_allocator

@@ -143,5 +143,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    preload_allocator()  # as the scripts do
+    preload_allocator(__name__)  # as the scripts do
     main()

@@ -3,8 +3,8 @@
 glibc's malloc keeps the blocks a training step frees in its heap once its mmap threshold has risen, so a step's
 peak resident memory carries what earlier steps left behind (about 1.2 GB at SmolLM2-135M's shape on CPU,
 docs/benchmark.md). tcmalloc and jemalloc reuse those blocks. As `python -m torch.backends.xeon.run_cpu` does,
-the scripts preload tcmalloc, else jemalloc, where the library is installed: `preload_allocator()`, the first
-statement of every script, re-executes the script (same process id, same arguments, same environment plus
+the scripts preload tcmalloc, else jemalloc, where the library is installed: `preload_allocator(__name__)`, the
+first statement of every script, re-executes the script (same process id, same arguments, same environment plus
 LD_PRELOAD) before torch is imported. Losses, log-probs and checkpoints do not depend on the allocator.
 
     DPO_CORE_ALLOCATOR=auto       # the default: tcmalloc, then jemalloc, else glibc's malloc
@@ -27,7 +27,7 @@ CHOICES = ("auto", "tcmalloc", "jemalloc", "glibc")
 # Library names per allocator, in order: gperftools' minimal tcmalloc (what distributions ship as a runtime
 # package) before the full one.
 LIBRARIES = {"tcmalloc": ("tcmalloc_minimal", "tcmalloc"), "jemalloc": ("jemalloc",)}
-_REEXECUTED = "DPO_CORE_ALLOCATOR_PRELOADED"  # set in the re-executed process: never twice
+PRELOADED = "DPO_CORE_ALLOCATOR_PRELOADED"  # the allocator the re-executed process got: never twice
 
 
 def find_library(kind: str) -> str | None:
@@ -82,18 +82,20 @@ def allocator_environment(choice: str | None = None, environ: dict | None = None
         package = "libtcmalloc-minimal4" if choice == "tcmalloc" else "libjemalloc2"
         raise SystemExit(f"error: {ENV}={choice}: lib{choice} is not installed (e.g. apt-get install {package}); "
                          f"{ENV}=auto uses it where installed")
-    added = {"LD_PRELOAD": ":".join(p for p in (library, preload) if p), _REEXECUTED: kind}
+    added = {"LD_PRELOAD": ":".join(p for p in (library, preload) if p), PRELOADED: kind}
     if kind == "tcmalloc":  # it prints a line per allocation above 1 GiB otherwise (a large model's embedding)
         added["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"] = environ.get("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD",
                                                                      str(2 ** 62))
     return added
 
 
-def preload_allocator() -> None:
+def preload_allocator(module_name: str = "__main__") -> None:
     """Re-executes this script with tcmalloc or jemalloc preloaded where $DPO_CORE_ALLOCATOR asks for it
-    (default auto: where one is installed). Call it before importing torch (the re-execution repeats what ran
-    before it). Does nothing off Linux, in a process it already re-executed, or where nothing is to change."""
-    if sys.platform != "linux" or os.environ.get(_REEXECUTED):
+    (default auto: where one is installed). A script calls it first, with its `__name__`, before importing torch
+    (the re-execution repeats what ran before it). Does nothing where the script is imported rather than run
+    (`module_name` is not "__main__"), off Linux, in a process it already re-executed, or where nothing is to
+    change."""
+    if module_name != "__main__" or sys.platform != "linux" or os.environ.get(PRELOADED):
         return
     added = allocator_environment()
     if not added:

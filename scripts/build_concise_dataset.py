@@ -15,10 +15,9 @@ Writes `train.jsonl` and `test.jsonl` (the folder layout `--dataset_name` reads)
 `held_out_questions.txt` (for `scripts/generate.py --questions_file`), each atomically.
 """
 
-if __name__ == "__main__":  # first, before torch: tcmalloc or jemalloc where installed (dpo_core/allocator.py)
-    from dpo_core.allocator import preload_allocator
+from dpo_core.allocator import preload_allocator
 
-    preload_allocator()
+preload_allocator(__name__)  # first, before torch: tcmalloc or jemalloc where installed (dpo_core/allocator.py)
 
 from pathlib import Path
 

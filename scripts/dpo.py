@@ -36,10 +36,9 @@ adapter (adapter_model.safetensors, adapter_config.json) instead of the model, a
 the merged full weights in merged/.
 """
 
-if __name__ == "__main__":  # first, before torch: tcmalloc or jemalloc where installed (dpo_core/allocator.py)
-    from dpo_core.allocator import preload_allocator
+from dpo_core.allocator import preload_allocator
 
-    preload_allocator()
+preload_allocator(__name__)  # first, before torch: tcmalloc or jemalloc where installed (dpo_core/allocator.py)
 
 from dpo_core.cli import run_cli
 from dpo_core.config import DPOConfig, parse_config

@@ -30,10 +30,9 @@ generation_samples.json (each model's and the reference's answers, and rewards w
 (--plot_file: reward-margin histograms, and the --run_dirs training curves), and prints a markdown table.
 """
 
-if __name__ == "__main__":  # first, before torch: tcmalloc or jemalloc where installed (dpo_core/allocator.py)
-    from dpo_core.allocator import preload_allocator
+from dpo_core.allocator import preload_allocator
 
-    preload_allocator()
+preload_allocator(__name__)  # first, before torch: tcmalloc or jemalloc where installed (dpo_core/allocator.py)
 
 from dpo_core.cli import run_cli
 from dpo_core.config import (

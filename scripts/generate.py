@@ -15,10 +15,9 @@ Greedy by default; with --do_sample question i is sampled with seed --seed + i, 
 Runs on the GPU or Apple MPS when present (accelerate's device selection), else the CPU.
 """
 
-if __name__ == "__main__":  # first, before torch: tcmalloc or jemalloc where installed (dpo_core/allocator.py)
-    from dpo_core.allocator import preload_allocator
+from dpo_core.allocator import preload_allocator
 
-    preload_allocator()
+preload_allocator(__name__)  # first, before torch: tcmalloc or jemalloc where installed (dpo_core/allocator.py)
 
 import json
 import os

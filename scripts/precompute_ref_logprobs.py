@@ -33,10 +33,9 @@ For a KTO run (--loss_type kto or apo_zero_unpaired) give --kto_batch_size (its 
 the cache then holds each completion's and its KL completion's reference log-probs.
 """
 
-if __name__ == "__main__":  # first, before torch: tcmalloc or jemalloc where installed (dpo_core/allocator.py)
-    from dpo_core.allocator import preload_allocator
+from dpo_core.allocator import preload_allocator
 
-    preload_allocator()
+preload_allocator(__name__)  # first, before torch: tcmalloc or jemalloc where installed (dpo_core/allocator.py)
 
 from pathlib import Path
 

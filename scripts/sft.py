@@ -25,10 +25,9 @@ logs/ (TensorBoard: train/loss, eval/loss, eval/perplexity, train/learning_rate,
 train/tokens_per_second, */logps/completion) and checkpoints/ (with --save_steps).
 """
 
-if __name__ == "__main__":  # first, before torch: tcmalloc or jemalloc where installed (dpo_core/allocator.py)
-    from dpo_core.allocator import preload_allocator
+from dpo_core.allocator import preload_allocator
 
-    preload_allocator()
+preload_allocator(__name__)  # first, before torch: tcmalloc or jemalloc where installed (dpo_core/allocator.py)
 
 from dpo_core.cli import run_cli
 from dpo_core.config import DPOArguments, SFTConfig, parse_config

@@ -29,10 +29,10 @@ def test_auto_prefers_tcmalloc_then_jemalloc_and_keeps_an_existing_preload(libra
     libraries["jemalloc"] = "/opt/lib/libjemalloc.so.2"
     env = allocator_environment("auto", {"LD_PRELOAD": "/x/libfoo.so"})
     assert env["LD_PRELOAD"] == "/opt/lib/libjemalloc.so.2:/x/libfoo.so"
-    assert env[allocator._REEXECUTED] == "jemalloc" and "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD" not in env
+    assert env[allocator.PRELOADED] == "jemalloc" and "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD" not in env
     libraries["tcmalloc"] = "libtcmalloc_minimal.so.4"
     env = allocator_environment(None, {})  # unset: auto
-    assert env["LD_PRELOAD"] == "libtcmalloc_minimal.so.4" and env[allocator._REEXECUTED] == "tcmalloc"
+    assert env["LD_PRELOAD"] == "libtcmalloc_minimal.so.4" and env[allocator.PRELOADED] == "tcmalloc"
     assert int(env["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"]) >= 2 ** 40  # no line per large allocation
     assert allocator_environment(None, {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": "7"})[
         "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"] == "7"
@@ -49,6 +49,21 @@ def test_bad_choice_and_missing_library_are_one_line_errors(libraries):
     with pytest.raises(SystemExit, match=r"DPO_CORE_ALLOCATOR=tcmalloc: libtcmalloc is not installed \(e.g. "
                                          r"apt-get install libtcmalloc-minimal4\)"):
         allocator_environment("tcmalloc", {})
+
+
+def test_preload_runs_only_in_a_script_run_as_main(libraries, monkeypatch):
+    """An imported script (tests import them) is never re-executed; one run as __main__ is, once."""
+    calls = []
+    monkeypatch.setattr(allocator.os, "execve", lambda *args: calls.append(args))
+    monkeypatch.setattr(allocator.sys, "platform", "linux")
+    for name in (allocator.ENV, allocator.PRELOADED, "LD_PRELOAD"):
+        monkeypatch.delenv(name, raising=False)
+    libraries["tcmalloc"] = "libtcmalloc_minimal.so.4"
+    allocator.preload_allocator("scripts.dpo")
+    assert calls == []
+    allocator.preload_allocator("__main__")
+    assert len(calls) == 1 and calls[0][2]["LD_PRELOAD"] == "libtcmalloc_minimal.so.4"
+    assert calls[0][1][0] == sys.executable and calls[0][2][allocator.PRELOADED] == "tcmalloc"
 
 
 def test_find_library_looks_in_the_environment_prefix_first(tmp_path, monkeypatch):
@@ -69,17 +84,17 @@ def test_active_allocator_reads_the_memory_map(tmp_path):
 
 @pytest.mark.skipif(not ANY or sys.platform != "linux", reason=NONE_INSTALLED)
 def test_preload_re_executes_the_same_process_with_the_library(tmp_path):
-    """A script calling preload_allocator() first runs again in the same process (same pid, same arguments),
+    """A script calling preload_allocator(__name__) first runs again in the same process (same pid, same arguments),
     now with the library mapped; with DPO_CORE_ALLOCATOR=glibc it runs once, as started."""
     script = tmp_path / "probe.py"
     script.write_text("import os, sys\nprint('start', os.getpid(), sys.argv[1:], flush=True)\n"
-                      "from dpo_core.allocator import active_allocator, preload_allocator\npreload_allocator()\n"
+                      "from dpo_core.allocator import active_allocator, preload_allocator\npreload_allocator(__name__)\n"
                       "print('running', os.getpid(), active_allocator())\n")
     expected = "tcmalloc" if INSTALLED["tcmalloc"] else "jemalloc"
     for choice, want in (("auto", expected), ("glibc", "glibc")):
         env = subprocess_env(DPO_CORE_ALLOCATOR=choice)
         env.pop("LD_PRELOAD", None)
-        env.pop(allocator._REEXECUTED, None)
+        env.pop(allocator.PRELOADED, None)
         lines = subprocess.run([sys.executable, str(script), "--a", "1"], env=env, cwd=ROOT, capture_output=True,
                                text=True, check=True).stdout.splitlines()
         pid = lines[0].split()[1]

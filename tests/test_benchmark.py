@@ -8,7 +8,7 @@ import pytest
 from bench_inputs import synthetic_pairs, token_hash
 from helpers import run_script, subprocess_env
 
-from dpo_core.allocator import allocator_environment
+from dpo_core.allocator import PRELOADED, allocator_environment
 from dpo_core.config import BenchmarkArguments
 from dpo_core.errors import ConfigError
 
@@ -106,7 +106,7 @@ def test_data_scale_benchmark_tokenizes_as_trl_does(tiny_model_dir, tmp_path):
     assert set(results) == {"ours_first", "ours_reuse", "trl", "raw_joined"}
     assert results["raw_joined"]["ids_sha256"] is None and "first_vs_raw_joined_pairs_per_s" in report["ratios"]
     # ours runs as the scripts do: with the allocator they preload where one is installed
-    chosen = allocator_environment(environ=subprocess_env()).get("DPO_CORE_ALLOCATOR_PRELOADED")
+    chosen = allocator_environment(environ=subprocess_env()).get(PRELOADED)
     if chosen:
         assert results["ours_first"]["allocator"] == chosen and results["trl"]["allocator"] == "glibc"
     assert all(r["pairs"] == 300 and r["seconds"] > 0 and r["peak_rss_mb"] > 50 for r in results.values())
