@@ -9,19 +9,9 @@ Every collator returns `num_tokens` (real tokens of the logical sequences, the s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-
-@dataclass
-class Example:
-    """One tokenized preference pair; `chosen_ids`/`rejected_ids` hold completion tokens only."""
-
-    id: int
-    prompt_ids: list[int]
-    chosen_ids: list[int]
-    rejected_ids: list[int]
+from .tokenized import Example  # noqa: F401  (re-exported)
 
 
 class PairDataset(torch.utils.data.Dataset):

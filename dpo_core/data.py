@@ -22,8 +22,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .batches import Example  # noqa: F401  (re-exported)
-from .config.run import TokenizeSettings  # noqa: F401  (re-exported)
 from .errors import ConfigError
 from .records import (  # noqa: F401  (re-exported: the data layer's one import for callers)
     DataValidationError,
@@ -37,11 +35,11 @@ from .records import (  # noqa: F401  (re-exported: the data layer's one import 
     problem_counts,
     tokenizer_fingerprint,
 )
+from .tokenized import Example, TokenizeSettings  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
 ENCODE_BATCH = 128  # records per batched tokenizer call
-
 
 
 # ------------------------------------------------------------------------------------------ validation
@@ -123,7 +121,7 @@ def _encode(tokenizer, value: str | list, template_kwargs: dict, **kwargs) -> li
 
 def _drop_double_bos(ids: list[int], bos: int | None) -> list[int]:
     # A template or text that carries BOS plus a tokenizer that adds it gives two; the model never saw that.
-    return ids[1:] if bos is not None and ids[:2] == [bos, bos] else ids
+    return ids[1:] if bos is not None and len(ids) > 1 and ids[0] == bos == ids[1] else ids
 
 
 def _one_final_eos(ids: list[int], eos: int | None) -> list[int]:
@@ -167,18 +165,21 @@ def _encode_batch(tokenizer, conversational: bool, texts: list, kwargs: dict, pr
     changes nothing without padding or truncation), at a fraction of the per-call cost. Conversations are
     rendered by the chat template and tokenized without special tokens, as `apply_chat_template` does."""
     backend = _raw_backend(tokenizer)
-    if conversational:
-        if backend is None:
-            rows = tokenizer.apply_chat_template(texts, tokenize=True, return_dict=True,
-                                                 add_generation_prompt=prompts, **kwargs)["input_ids"]
-        else:
+    if backend is not None:
+        # `encode_batch_fast` (tokenizers >= 0.20) gives the same ids without character offsets (unused here).
+        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        if conversational:
             rendered = tokenizer.apply_chat_template(texts, tokenize=False, add_generation_prompt=prompts, **kwargs)
-            rows = [e.ids for e in backend.encode_batch(rendered, add_special_tokens=False)]
+            rows = [e.ids for e in encode(rendered, add_special_tokens=False)]
+        else:
+            rows = [e.ids for e in encode(texts, add_special_tokens=True)]
+    elif conversational:
+        rows = [list(ids) for ids in tokenizer.apply_chat_template(texts, tokenize=True, return_dict=True,
+                                                                   add_generation_prompt=prompts, **kwargs)["input_ids"]]
     else:
-        rows = tokenizer(text=texts)["input_ids"] if backend is None else \
-            [e.ids for e in backend.encode_batch(texts, add_special_tokens=True)]
+        rows = [list(ids) for ids in tokenizer(text=texts)["input_ids"]]
     bos = tokenizer.bos_token_id
-    return [_drop_double_bos(ids if isinstance(ids, list) else list(ids), bos) for ids in rows]
+    return rows if bos is None else [_drop_double_bos(ids, bos) for ids in rows]
 
 
 def _finish_pair(p: list[int], pc: list[int], pr: list[int], conversational: bool, eos_id: int | None):
@@ -268,7 +269,7 @@ def truncate_pair(prompt_ids: list[int], chosen_ids: list[int], rejected_ids: li
     Returns:
         (prompt_ids, chosen_ids, rejected_ids); a part comes back empty when the bounds leave it nothing.
     """
-    p, c, r = list(prompt_ids), list(chosen_ids), list(rejected_ids)
+    p, c, r = prompt_ids, chosen_ids, rejected_ids  # a cut part is a new list (slicing); the inputs stay as given
     keep_start = settings.truncation_mode == "keep_start"
     if settings.max_prompt_length is not None and len(p) > settings.max_prompt_length:
         p = p[: settings.max_prompt_length] if keep_start else p[len(p) - settings.max_prompt_length:]

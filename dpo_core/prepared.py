@@ -17,9 +17,10 @@ never used. The folder is safe to delete at any time.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import gc
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -30,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .batches import Example
 from .records import Problem, Record, dataset_fingerprint, tokenizer_fingerprint
+from .tokenized import Example
 
 logger = logging.getLogger(__name__)
 
@@ -63,12 +64,10 @@ class ExampleArrays(Sequence):
 
     @classmethod
     def from_examples(cls, examples: Sequence[Example]) -> ExampleArrays:
-        lengths = np.fromiter((len(part) for e in examples for part in (e.prompt_ids, e.chosen_ids, e.rejected_ids)),
-                              dtype=np.int64, count=3 * len(examples))
-        offsets = np.zeros(3 * len(examples) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        tokens = np.fromiter((t for e in examples for part in (e.prompt_ids, e.chosen_ids, e.rejected_ids)
-                              for t in part), dtype=np.int32, count=int(offsets[-1]))
+        parts = [part for e in examples for part in (e.prompt_ids, e.chosen_ids, e.rejected_ids)]
+        offsets = np.zeros(len(parts) + 1, dtype=np.int64)
+        np.cumsum(np.fromiter(map(len, parts), dtype=np.int64, count=len(parts)), out=offsets[1:])
+        tokens = np.fromiter(itertools.chain.from_iterable(parts), dtype=np.int32, count=int(offsets[-1]))
         ids = np.fromiter((e.id for e in examples), dtype=np.int64, count=len(examples))
         return cls(ids, offsets, tokens)
 
@@ -157,6 +156,44 @@ def _tokenize_chunk(records: list[Record]) -> tuple[ExampleArrays, list[Problem]
     return ExampleArrays.from_examples(examples), problems, len(records)
 
 
+def _start_method(tokenizer, settings, tokenize) -> str:
+    """"spawn" where the workers can be started fresh: they import the tokenize function's module and the
+    tokenizer (no torch, `dpo_core.tokenized`), about 100 MB each, where a forked worker starts as a copy of the
+    trainer's process (its pages count in each worker's RSS). "fork" for a function a fresh process cannot import
+    (defined in the script or in a function) or a tokenizer that does not pickle."""
+    import multiprocessing
+    import pickle
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return "spawn"
+    if getattr(tokenize, "__module__", "__main__") == "__main__" or "<locals>" in getattr(tokenize, "__qualname__", ""):
+        return "fork"
+    try:
+        pickle.dumps((tokenizer, settings, tokenize))
+    except Exception:  # a tokenizer or function that does not pickle: the workers inherit it instead
+        return "fork"
+    return "spawn"
+
+
+class _WorkersSkipMain:
+    """While the workers start: spawned processes import this package, not the script that started them (which
+    imports torch). multiprocessing re-runs `__main__` in a spawned child unless `__main__.__spec__` names
+    `__main__`; the tokenize function never lives there (`_start_method`)."""
+
+    def __enter__(self):
+        import importlib.machinery
+        import sys
+
+        self.main = sys.modules.get("__main__")
+        self.spec = getattr(self.main, "__spec__", None)
+        if self.main is not None:
+            self.main.__spec__ = importlib.machinery.ModuleSpec("__main__", None)
+
+    def __exit__(self, *exc):
+        if self.main is not None:
+            self.main.__spec__ = self.spec
+
+
 def tokenize_parallel(records: list[Record], tokenizer, settings, tokenize, *, num_proc: int,
                       desc: str = "tokenizing", progress: bool = True, sink=None
                       ) -> tuple[ExampleArrays | None, list[Problem]]:
@@ -185,19 +222,22 @@ def tokenize_parallel(records: list[Record], tokenizer, settings, tokenize, *, n
             bar.update(len(chunk))
     else:
         import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are the parallelism
-        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        gc.freeze()  # forked workers share the parent's objects; a collection there would copy their pages
+        method = _start_method(tokenizer, settings, per_chunk)
+        # A worker that dies (or fails to start) breaks the pool: BrokenProcessPool here, never a hang.
+        pool = ProcessPoolExecutor(min(num_proc, len(chunks)), multiprocessing.get_context(method), _init_worker,
+                                   (tokenizer, settings, per_chunk))
         try:
-            with multiprocessing.get_context(method).Pool(min(num_proc, len(chunks)), _init_worker,
-                                                          (tokenizer, settings, per_chunk)) as pool:
-                for part, found, n in pool.imap(_tokenize_chunk, chunks):
-                    out(part) if out else parts.append(part)
-                    problems += found
-                    bar.update(n)
+            with _WorkersSkipMain() if method == "spawn" else contextlib.nullcontext():
+                results = pool.map(_tokenize_chunk, chunks)  # starts the workers; yields in input order
+            for part, found, n in results:
+                out(part) if out else parts.append(part)
+                problems += found
+                bar.update(n)
         finally:
-            gc.unfreeze()
+            pool.shutdown(wait=True, cancel_futures=True)  # on an error: the chunks not started are dropped
     bar.close()
     if finish:
         examples, problems = finish(records, ExampleArrays.concatenate(parts), problems, settings)

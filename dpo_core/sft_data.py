@@ -19,9 +19,12 @@ Every bad record is reported with its file, line and field (`completion`, `messa
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from .data import Example, Problem, Record, _check_value, _validate, loaded, tokenize_records
+
+if TYPE_CHECKING:
+    import torch
 
 _SINGLE_KEYS = ("tools", "chat_template_kwargs")
 
@@ -97,6 +100,8 @@ def collate_sft(examples: list[Example], pad_token_id: int, pad_to_multiple_of: 
         input_ids, attention_mask, completion_mask: [B, T] long; completion_mask is 1 exactly on the
         completion tokens. ids: [B]. num_tokens: scalar, non-padding tokens; num_positions: scalar, B * T.
     """
+    import torch  # here: the tokenizing worker processes import this module without torch (`dpo_core.tokenized`)
+
     rows = [e.prompt_ids + e.chosen_ids for e in examples]
     width = max(len(r) for r in rows)
     if pad_to_multiple_of:

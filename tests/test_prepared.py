@@ -180,3 +180,103 @@ def test_no_valid_record_is_an_empty_entry_that_keeps_every_problem(tok, tmp_pat
         examples, problems = store.tokenize(records, tok, SETTINGS, D.tokenize_records, num_proc=1, progress=False)
         assert len(examples) == 0 and [(p.location, p.field) for p in problems] == \
             [(f"row {i}", "rejected") for i in range(3)]
+
+
+def test_the_tokenizing_modules_import_without_torch():
+    """What a spawned worker imports (the tokenize functions' modules, the store, the settings): no torch, no
+    transformers, so each worker holds the tokenizer and not a copy of the trainer's libraries."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import dpo_core.data, dpo_core.sft_data, dpo_core.kto_data, dpo_core.prepared; "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
+def test_workers_start_fresh_unless_the_function_lives_in_a_script_or_a_function(tok):
+    from dpo_core.kto_data import KTOTokenize
+
+    assert P._start_method(tok, SETTINGS, D.tokenize_records) == "spawn"
+    assert P._start_method(tok, SETTINGS, tokenize_sft_records) == "spawn"
+    assert P._start_method(tok, SETTINGS, KTOTokenize(4).for_split(_records())) == "spawn"
+
+    def local(records, tokenizer, settings):
+        return D.tokenize_records(records, tokenizer, settings)
+
+    assert P._start_method(tok, SETTINGS, local) == "fork"
+    assert P._start_method(tok, SETTINGS, lambda *a: None) == "fork"
+
+
+def test_a_script_level_tokenize_function_runs_in_forked_workers(tok, monkeypatch):
+    monkeypatch.setattr(P, "POOL_MIN_RECORDS", 64)
+    monkeypatch.setattr(P, "CHUNK", 50)
+    records, seen = _records(), []
+
+    def local(records, tokenizer, settings):  # not importable by a fresh process: the workers are forked
+        import os
+
+        seen.append(os.getpid())  # in a worker's copy of this list: the parent's stays empty
+        return D.tokenize_records(records, tokenizer, settings)
+
+    got, problems = P.tokenize_parallel(records, tok, SETTINGS, local, num_proc=2, progress=False)
+    expected, expected_problems = D.tokenize_records(records, tok, SETTINGS)
+    assert _as_lists(got) == _as_lists(expected) and problems == expected_problems and seen == []
+
+
+def test_a_worker_that_dies_fails_the_preparation_instead_of_hanging(tok, monkeypatch):
+    import signal
+    from concurrent.futures.process import BrokenProcessPool
+
+    monkeypatch.setattr(P, "POOL_MIN_RECORDS", 64)
+    monkeypatch.setattr(P, "CHUNK", 50)
+
+    def dies(records, tokenizer, settings):
+        import os
+
+        os._exit(3)
+
+    def too_long(*args):
+        raise TimeoutError("the pool hung after a worker died")
+
+    previous = signal.signal(signal.SIGALRM, too_long)
+    signal.alarm(120)
+    try:
+        with pytest.raises(BrokenProcessPool):
+            P.tokenize_parallel(_records(), tok, SETTINGS, dies, num_proc=2, progress=False)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+PROBE = """
+import os, sys
+with open(sys.argv[1], "a") as f:  # one line per process that runs this file
+    f.write(f"{os.getpid()}\\n")
+if __name__ == "__main__":
+    from transformers import AutoTokenizer
+    from dpo_core import data as D, prepared as P
+    P.POOL_MIN_RECORDS, P.CHUNK = 64, 50
+    tok = AutoTokenizer.from_pretrained(sys.argv[2])
+    records = D.load_splits(sys.argv[3], split="train")["train"][:300]
+    settings = D.TokenizeSettings(max_length=48)
+    got, _ = P.tokenize_parallel(records, tok, settings, D.tokenize_records, num_proc=2, progress=False)
+    expected, _ = D.tokenize_records(records, tok, settings)
+    assert [(e.id, e.prompt_ids, e.chosen_ids, e.rejected_ids) for e in got] == \\
+        [(e.id, e.prompt_ids, e.chosen_ids, e.rejected_ids) for e in expected]
+    assert sys.modules["__main__"].__spec__ is None  # put back after the workers started
+    print("equal")
+"""
+
+
+def test_spawned_workers_do_not_run_the_script_that_started_them(tiny_model_dir, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    script, marker = tmp_path / "probe.py", tmp_path / "imports.txt"
+    script.write_text(PROBE)
+    out = subprocess.run([sys.executable, str(script), str(marker), str(tiny_model_dir), str(ROOT / "data" / "demo")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "equal", out.stderr[-3000:]
+    assert len(marker.read_text().split()) == 1  # the parent only: the 2 workers never imported the script

@@ -10,12 +10,13 @@ nothing else but each group's validation.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 from ..errors import ConfigError
 from ..layouts import AUTO, FORWARD_MODES, check_layout_flags, forward_mode_help
 from ..losses import LOSSES, UNPAIRED_LOSSES, needs_reference
 from ..optim import OPTIMIZERS, parse_optim_args, parse_scheduler_kwargs
+from ..tokenized import TokenizeSettings  # noqa: F401  (re-exported; DataArguments extends it)
 from ..trackers import DEFAULT_PROJECT, check_report_to, report_to_choices
 
 
@@ -98,37 +99,6 @@ class ModelArguments:
         if "all-linear" in self.lora_target_modules and len(self.lora_target_modules) > 1:
             raise ConfigError("--lora_target_modules: all-linear stands alone, got "
                              f"{self.lora_target_modules}")
-
-
-@dataclass
-class TokenizeSettings:
-    """Every setting that changes the token ids (its fields go into the fingerprints of the reference cache).
-    `DataArguments` extends it; `data_args.tokenize_settings()` is the copy the data layer takes."""
-
-    max_length: int | None = field(
-        default=512, metadata={"help": "Max tokens of prompt + completion, per sequence."})
-    max_prompt_length: int | None = field(default=None, metadata={"help": "Max prompt tokens (truncated first)."})
-    max_completion_length: int | None = field(
-        default=None, metadata={"help": "Max tokens of each completion (its end is cut)."})
-    truncation_mode: str = field(
-        default="keep_start",
-        metadata={"help": "keep_start: cut the end of long sequences (and of long prompts); keep_end: cut the "
-                  "start of the prompt."})
-
-    def __post_init__(self):
-        if self.truncation_mode not in ("keep_start", "keep_end"):
-            raise ConfigError(f"--truncation_mode must be keep_start or keep_end, got {self.truncation_mode!r}")
-        for name in ("max_length", "max_prompt_length", "max_completion_length"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value <= 0):
-                raise ConfigError(f"--{name} must be a positive integer or None, got {value!r}")
-        if self.max_length and self.max_prompt_length and self.max_prompt_length >= self.max_length:
-            raise ConfigError(f"--max_prompt_length ({self.max_prompt_length}) must be below --max_length "
-                              f"({self.max_length}) to leave room for the completion.")
-
-    def tokenize_settings(self) -> TokenizeSettings:
-        """The tokenization settings alone (a `DataArguments` holds them among its other fields)."""
-        return TokenizeSettings(**{f.name: getattr(self, f.name) for f in fields(TokenizeSettings)})
 
 
 @dataclass
