@@ -19,6 +19,9 @@ id + 1` for an undesirable one (`kto_labels`), so the label travels with the id.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
+
 from .data import Example, Problem, Record, _validate, loaded, tokenize_records, truncate_pair
 
 TRL_UNPAIR_BLOCK = 1000  # `unpair_preference_dataset` maps in batches of 1000 records
@@ -77,7 +80,8 @@ class KTOTokenize:
 
     def __call__(self, records: list[Record], tokenizer, settings) -> tuple[list[Example], list[Problem]]:
         examples, problems = self.for_split(records)(records, tokenizer, settings)
-        return self.finish(records, examples, problems, settings)
+        examples, problems = self.finish(records, examples, problems, settings)
+        return list(examples), problems
 
     @staticmethod
     def for_split(records: list[Record]):
@@ -86,31 +90,33 @@ class KTOTokenize:
         return _tokenize_paired if first is not None and is_paired_record(first) else _tokenize_unpaired
 
     def finish(self, records: list[Record], examples, problems: list[Problem], settings
-               ) -> tuple[list[Example], list[Problem]]:
-        """The examples of the whole split in TRL's order with their KL completions; a split that mixes the
-        formats is one problem, its first record of the other format."""
+               ) -> tuple[Iterator[Example], list[Problem]]:
+        """The examples of the whole split in TRL's order with their KL completions, as an iterator (made a block
+        at a time from `examples`, a list or the workers' `ExampleArrays`: the split is never held as lists); a
+        split that mixes the formats is one problem, its first record of the other format."""
         mixed = next((p for p in problems if p.reason == MIXED), None)
         if mixed is not None:
-            return [], [mixed]
+            return iter(()), [mixed]
         if self.for_split(records) is _tokenize_unpaired:
-            return self._with_kl(examples, settings), problems
+            return self._with_kl(iter(examples), settings), problems
+        return self._with_kl(self._unpaired(records, examples), settings), problems
+
+    @staticmethod
+    def _unpaired(records: list[Record], examples) -> Iterator[Example]:
+        """TRL's order: per block of `TRL_UNPAIR_BLOCK` records, the block's chosen sides, then its rejected."""
         ids = examples.ids if hasattr(examples, "ids") else [e.id for e in examples]  # ExampleArrays or a list
         pairs = {int(i): k for k, i in enumerate(ids)}
-        unpaired = []
-        for start in range(0, len(records), TRL_UNPAIR_BLOCK):  # TRL's order: a block's chosen, then its rejected
+        for start in range(0, len(records), TRL_UNPAIR_BLOCK):
             block = [examples[pairs[r.id]] for r in records[start:start + TRL_UNPAIR_BLOCK] if r.id in pairs]
-            unpaired += [Example(2 * e.id, e.prompt_ids, e.chosen_ids, []) for e in block]
-            unpaired += [Example(2 * e.id + 1, e.prompt_ids, e.rejected_ids, []) for e in block]
-        return self._with_kl(unpaired, settings), problems
+            yield from (Example(2 * e.id, e.prompt_ids, e.chosen_ids, []) for e in block)
+            yield from (Example(2 * e.id + 1, e.prompt_ids, e.rejected_ids, []) for e in block)
 
-    def _with_kl(self, examples, settings) -> list[Example]:
-        out = []
-        for start in range(0, len(examples), self.kl_block):
-            block = examples[start:start + self.kl_block]
+    def _with_kl(self, examples: Iterator[Example], settings) -> Iterator[Example]:
+        """Each example with the previous completion of its block of `kl_block` as its KL completion."""
+        while block := list(itertools.islice(examples, self.kl_block)):
             for j, e in enumerate(block):
                 kl = block[j - 1].chosen_ids  # j = 0: the block's last completion
-                out.append(Example(e.id, *truncate_pair(e.prompt_ids, e.chosen_ids, kl, settings)))
-        return out
+                yield Example(e.id, *truncate_pair(e.prompt_ids, e.chosen_ids, kl, settings))
 
 
 def _mixed(record: Record) -> Problem:

@@ -203,7 +203,7 @@ def tokenize_parallel(records: list[Record], tokenizer, settings, tokenize, *, n
 
     A tokenize function whose result depends on the whole split (KTO's unpairing blocks and KL rotation) has
     `for_split(records)`, the per-record part that the chunks run, and `finish(records, examples, problems,
-    settings)`, run here once over every chunk's examples, in order."""
+    settings) -> (iterator of examples, problems)`, run here once over every chunk's examples, in order."""
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(records), desc=desc, unit=" records", disable=not progress or len(records) < CHUNK,
@@ -239,11 +239,12 @@ def tokenize_parallel(records: list[Record], tokenizer, settings, tokenize, *, n
         finally:
             pool.shutdown(wait=True, cancel_futures=True)  # on an error: the chunks not started are dropped
     bar.close()
-    if finish:
+    if finish:  # its examples come as an iterator: made into arrays a chunk at a time
         examples, problems = finish(records, ExampleArrays.concatenate(parts), problems, settings)
-        parts = [ExampleArrays.from_examples(examples)]
-        if sink:
-            sink(parts[0])
+        parts = []
+        while chunk := list(itertools.islice(examples, CHUNK)):
+            part = ExampleArrays.from_examples(chunk)
+            sink(part) if sink else parts.append(part)
     return (None if sink else ExampleArrays.concatenate(parts)), problems
 
 
