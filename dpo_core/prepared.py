@@ -160,13 +160,16 @@ def _start_method(tokenizer, settings, tokenize) -> str:
     """"spawn" where the workers can be started fresh: they import the tokenize function's module and the
     tokenizer (no torch, `dpo_core.tokenized`), about 100 MB each, where a forked worker starts as a copy of the
     trainer's process (its pages count in each worker's RSS). "fork" for a function a fresh process cannot import
-    (defined in the script or in a function) or a tokenizer that does not pickle."""
+    (defined in the script or in a function), a tokenizer class of the model's own code (`trust_remote_code`), or
+    a tokenizer that does not pickle."""
     import multiprocessing
     import pickle
 
     if "fork" not in multiprocessing.get_all_start_methods():
         return "spawn"
     if getattr(tokenize, "__module__", "__main__") == "__main__" or "<locals>" in getattr(tokenize, "__qualname__", ""):
+        return "fork"
+    if not type(tokenizer).__module__.startswith(("transformers.", "tokenizers.")):
         return "fork"
     try:
         pickle.dumps((tokenizer, settings, tokenize))

@@ -206,6 +206,12 @@ def test_workers_start_fresh_unless_the_function_lives_in_a_script_or_a_function
     assert P._start_method(tok, SETTINGS, local) == "fork"
     assert P._start_method(tok, SETTINGS, lambda *a: None) == "fork"
 
+    class RemoteCode(type(tok)):  # a tokenizer class of a model's own code: a fresh process may not find it
+        pass
+
+    RemoteCode.__module__ = "transformers_modules.org.model.tokenization"
+    assert P._start_method(RemoteCode.from_pretrained(tok.name_or_path), SETTINGS, D.tokenize_records) == "fork"
+
 
 def test_a_script_level_tokenize_function_runs_in_forked_workers(tok, monkeypatch):
     monkeypatch.setattr(P, "POOL_MIN_RECORDS", 64)
