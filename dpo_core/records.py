@@ -136,7 +136,7 @@ class DataValidationError(DataError):
 
 # ----------------------------------------------------------------------------------------------- loading
 
-_FILES: dict[str, int] = {}  # path -> an open file descriptor (per process; inherited by forked workers)
+_FILES: dict[str, int] = {}  # path -> an open file descriptor (per process: a spawned worker opens its own)
 
 
 def _read_range(path: str, start: int, end: int) -> bytes:
