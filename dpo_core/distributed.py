@@ -19,6 +19,7 @@ the weights collectively); accelerate's even batches guarantee it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 
@@ -120,6 +121,21 @@ def _fsdp_reference(accelerator: Accelerator, model):
                 forward_prefetch=plugin.forward_prefetch, use_orig_params=plugin.use_orig_params,
                 param_init_fn=plugin.param_init_fn, limit_all_gathers=plugin.limit_all_gathers,
                 device_id=accelerator.device)
+
+
+@contextlib.contextmanager
+def main_process_first(accelerator: Accelerator):
+    """accelerate's `main_process_first` (rank 0 runs the block, e.g. prepares the data into the store, then the
+    others run it), except that an error on rank 0 still lets the others go: they run the block too and, for bad
+    data, raise the same one-line error from the same stored problems, where accelerate's version leaves them
+    waiting at a barrier whose peer is gone (a gloo "Connection closed by peer" traceback)."""
+    if not accelerator.is_main_process:
+        accelerator.wait_for_everyone()
+    try:
+        yield
+    finally:
+        if accelerator.is_main_process:
+            accelerator.wait_for_everyone()
 
 
 def shutdown(accelerator: Accelerator) -> None:

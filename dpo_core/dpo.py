@@ -18,7 +18,7 @@ from . import data as data_lib
 from .compiling import compile_for_training
 from .config import DPOConfig
 from .debug import anomaly_detection, apply_debug_preset
-from .distributed import prepare_reference
+from .distributed import main_process_first, prepare_reference
 from .errors import ConfigError
 from .hub import check_hub_args, checkpoint_pusher
 from .kto import make_kto_step
@@ -118,7 +118,7 @@ def setup_dpo(accelerator: Accelerator, model_args, data_args, dpo_args, train_a
     if model_args.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     unpaired = dpo_args.unpaired_loss()  # KTO: unpaired examples with KL completions (dpo_core.kto_data)
-    with accelerator.main_process_first():
+    with main_process_first(accelerator):
         records, examples = data_lib.prepare_from_args(
             data_args, tokenizer, seed=train_args.seed, report_path=report_path, progress=accelerator.is_main_process,
             tokenize=KTOTokenize(train_args.per_device_train_batch_size) if unpaired else None)

@@ -45,7 +45,7 @@ from accelerate.utils import ProjectConfiguration
 from . import data as data_lib
 from .batches import Example, PairDataset, collate_concat
 from .config import resolved_config
-from .distributed import make_accelerator
+from .distributed import main_process_first, make_accelerator
 from .errors import ConfigError, DataError, OutputExistsError
 from .generation import decode_answer, generate_ids
 from .kto import kto_metrics
@@ -351,7 +351,7 @@ def evaluate_models(model_args, data_args, eval_args) -> dict:
                                gguf_file=gguf_of(model_args, ref_path))
     for _, path in models:
         _check_tokenizer(path, tokenizer, model_args)
-    with accelerator.main_process_first():  # tokenized exactly as scripts/dpo.py does
+    with main_process_first(accelerator):  # tokenized exactly as scripts/dpo.py does
         # Unpaired (KTO) records: each completion with a KL completion, as dpo.py --loss_type kto tokenizes them.
         records, examples = data_lib.prepare_from_args(data_args, tokenizer, seed=eval_args.seed,
                                                        report_path=output_dir / "invalid_records.jsonl",

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import hashlib
 import itertools
 import json
@@ -158,7 +159,7 @@ def _tokenize_chunk(records: list[Record]) -> tuple[ExampleArrays, list[Problem]
 
 def _start_method(tokenizer, settings, tokenize) -> str:
     """"spawn" where the workers can be started fresh: they import the tokenize function's module and the
-    tokenizer (no torch, `dpo_core.tokenized`), about 100 MB each, where a forked worker starts as a copy of the
+    tokenizer (no torch, `dpo_core.tokenized`), about 165 MB each, where a forked worker starts as a copy of the
     trainer's process (its pages count in each worker's RSS). "fork" for a function a fresh process cannot import
     (defined in the script or in a function), a tokenizer class of the model's own code (`trust_remote_code`), or
     a tokenizer that does not pickle."""
@@ -232,6 +233,8 @@ def tokenize_parallel(records: list[Record], tokenizer, settings, tokenize, *, n
         # A worker that dies (or fails to start) breaks the pool: BrokenProcessPool here, never a hang.
         pool = ProcessPoolExecutor(min(num_proc, len(chunks)), multiprocessing.get_context(method), _init_worker,
                                    (tokenizer, settings, per_chunk))
+        if method == "fork":
+            gc.freeze()  # forked workers share the parent's objects; a collection there would copy their pages
         try:
             with _WorkersSkipMain() if method == "spawn" else contextlib.nullcontext():
                 results = pool.map(_tokenize_chunk, chunks)  # starts the workers; yields in input order
@@ -241,6 +244,7 @@ def tokenize_parallel(records: list[Record], tokenizer, settings, tokenize, *, n
                 bar.update(n)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)  # on an error: the chunks not started are dropped
+            gc.unfreeze()
     bar.close()
     if finish:  # its examples come as an iterator: made into arrays a chunk at a time
         examples, problems = finish(records, ExampleArrays.concatenate(parts), problems, settings)

@@ -27,6 +27,7 @@ from . import data as data_lib
 from .compiling import compile_for_training
 from .config import SFTConfig, TrainArguments
 from .debug import anomaly_detection, apply_debug_preset
+from .distributed import main_process_first
 from .errors import ConfigError
 from .hub import check_hub_args, checkpoint_pusher
 from .logps import position_ids_from_mask, sequence_logps, token_logps
@@ -92,7 +93,7 @@ def run_sft(model_args, data_args, train_args, *, stop: StopSignals | None = Non
     model, tokenizer = load_model_and_tokenizer(model_args)
     if model_args.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    with accelerator.main_process_first():
+    with main_process_first(accelerator):
         _, examples = data_lib.prepare_from_args(data_args, tokenizer, seed=train_args.seed,
                                                  report_path=output_dir / "invalid_records.jsonl",
                                                  tokenize=tokenize_sft_records,

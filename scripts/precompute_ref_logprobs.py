@@ -49,7 +49,7 @@ from dpo_core.config import (
     TrainArguments,
     parse_config,
 )
-from dpo_core.distributed import make_accelerator, prepare_reference, shutdown
+from dpo_core.distributed import main_process_first, make_accelerator, prepare_reference, shutdown
 from dpo_core.errors import ConfigError
 from dpo_core.kto_data import KTOTokenize
 from dpo_core.layouts import resolve_forward_mode
@@ -75,7 +75,7 @@ def main(argv=None):
     tok_path = model_args.model_name_or_path or ref_path
     tokenizer = load_tokenizer(tok_path, revision=model_args.revision, trust_remote_code=model_args.trust_remote_code,
                                gguf_file=gguf_of(model_args, tok_path))
-    with accelerator.main_process_first():  # the same data pipeline as scripts/dpo.py
+    with main_process_first(accelerator):  # the same data pipeline as scripts/dpo.py
         records, examples = data_lib.prepare_from_args(
             data_args, tokenizer, seed=args.seed,
             report_path=output_dir.with_name(output_dir.name + ".invalid_records.jsonl"),

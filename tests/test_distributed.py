@@ -435,3 +435,23 @@ def test_fsdp_online_reference_and_full_save_on_gpu(tiny_model_dir, tmp_path):
     assert (out / "checkpoints" / "checkpoint-2" / "COMPLETE").exists()
     AutoModelForCausalLM.from_pretrained(out)
     assert max_weight_diff(out, tiny_model_dir) > 0
+
+
+@pytest.mark.slow
+def test_bad_data_in_a_two_process_run_is_the_same_one_line_error_on_every_rank(tiny_model_dir, tmp_path):
+    """Rank 0 prepares the data while rank 1 waits; when rank 0 finds bad records, rank 1 is let go, reads the same
+    problems from the store and raises the same error: no rank is left at a barrier whose peer is gone."""
+    from helpers import run_script
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "word " * 200, "chosen": f"Yes {i}.", "rejected": f"No {i}."}) + "\n"
+                            for i in range(8)))
+    proc = run_script("dpo.py", ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(data),
+                                 "--max_length", "64", "--max_steps", "1", "--output_dir", str(tmp_path / "run"),
+                                 "--data_cache_dir", str(tmp_path / "store"), "--report_to", "none"],
+                      processes=2, check=False, timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.count("error: 8 invalid record(s)") == 2, proc.stderr[-4000:]
+    assert f"{data}, line 8, field 'prompt'" in proc.stderr
+    assert "Connection closed by peer" not in proc.stderr  # rank 1 was not left waiting for rank 0
+    assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
