@@ -21,11 +21,13 @@ import contextlib
 import dataclasses
 import gc
 import hashlib
+import importlib.machinery
 import itertools
 import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -179,23 +181,20 @@ def _start_method(tokenizer, settings, tokenize) -> str:
     return "spawn"
 
 
-class _WorkersSkipMain:
+@contextlib.contextmanager
+def _workers_skip_main(method: str):
     """While the workers start: spawned processes import this package, not the script that started them (which
     imports torch). multiprocessing re-runs `__main__` in a spawned child unless `__main__.__spec__` names
-    `__main__`; the tokenize function never lives there (`_start_method`)."""
-
-    def __enter__(self):
-        import importlib.machinery
-        import sys
-
-        self.main = sys.modules.get("__main__")
-        self.spec = getattr(self.main, "__spec__", None)
-        if self.main is not None:
-            self.main.__spec__ = importlib.machinery.ModuleSpec("__main__", None)
-
-    def __exit__(self, *exc):
-        if self.main is not None:
-            self.main.__spec__ = self.spec
+    `__main__`; the tokenize function never lives there (`_start_method`). Forked workers need nothing."""
+    main = sys.modules.get("__main__") if method == "spawn" else None
+    saved = getattr(main, "__spec__", None)
+    if main is not None:
+        main.__spec__ = importlib.machinery.ModuleSpec("__main__", None)
+    try:
+        yield
+    finally:
+        if main is not None:
+            main.__spec__ = saved
 
 
 def tokenize_parallel(records: list[Record], tokenizer, settings, tokenize, *, num_proc: int,
@@ -236,7 +235,7 @@ def tokenize_parallel(records: list[Record], tokenizer, settings, tokenize, *, n
         if method == "fork":
             gc.freeze()  # forked workers share the parent's objects; a collection there would copy their pages
         try:
-            with _WorkersSkipMain() if method == "spawn" else contextlib.nullcontext():
+            with _workers_skip_main(method):
                 results = pool.map(_tokenize_chunk, chunks)  # starts the workers; yields in input order
             for part, found, n in results:
                 out(part) if out else parts.append(part)
